@@ -1,0 +1,266 @@
+"""The one decoder: Llama / Qwen2 / Qwen3 / MiniCPM(4) in plain torch, in the spirit of gpt-fast.
+
+Parameter names follow the HF checkpoints (`model.layers.0.self_attn.q_proj.weight`, ...), so an
+HF state dict loads with `load_state_dict` and a saved one loads in transformers.
+
+Pluggable parts:
+- attention: `config.attention` names an entry of `ATTENTION` (a function with the signature of
+  `dense_attention`); `register_attention` adds one (InfLLM v2 registers "infllmv2").
+- linear: every projection is an `nn.Linear` attribute with its HF name, so a quantizer swaps
+  modules in place (the gpt-fast handler pattern: `convert_for_runtime(model)`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cpmtool.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 like HF so bf16 runs match the reference
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (D/2,), with the static `linear` and `llama3` scalings."""
+    import math
+
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = config.rope_scaling or {}
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind == "linear":
+        inv_freq = inv_freq / rs["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        old_ctx = rs["original_max_position_embeddings"]
+        lo_wavelen, hi_wavelen = old_ctx / lo, old_ctx / hi
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > lo_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= hi_wavelen) & (wavelen <= lo_wavelen)
+        inv_freq = torch.where(is_mid, mid, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, H, T, D); cos/sin (B, T, D); HF's rotate-half convention
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated per-layer K/V buffers, (B, Hkv, S, D) each, written at explicit positions.
+
+    Rows may sit at different positions (continuous batching), so writes scatter by position and
+    attention masks by position instead of assuming one shared length. `valid` (B, S) marks written
+    slots, so left-padding or freed rows never leak into attention.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype, device):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.max_len = max_len
+        self.extra: dict = {}  # per-attention state (InfLLM v2 keeps its compressed keys here)
+
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        if rows is None:
+            self.valid.zero_()
+        else:
+            self.valid[rows] = False
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        # k, v (B, Hkv, T, D); positions (B, T)
+        idx = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        self.k[layer].scatter_(2, idx, k)
+        self.v[layer].scatter_(2, idx, v)
+        if layer == 0:
+            self.valid.scatter_(1, positions, True)
+        return self.k[layer], self.v[layer]
+
+
+def dense_attention(q, k, v, *, positions, key_positions_valid=None, causal_no_cache=False, layer=None, cache=None,
+                    config=None):
+    """SDPA attention. q (B, H, T, D); k, v (B, Hkv, S, D). Returns (B, H, T, D).
+
+    Without a cache (training, full-sequence scoring) it is plain causal attention. With a cache,
+    query t of row b sees cached slot s iff s <= positions[b, t] and the slot is valid.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if causal_no_cache:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+    s = k.shape[2]
+    slots = torch.arange(s, device=q.device)
+    mask = slots[None, None, :] <= positions[:, :, None]  # (B, T, S)
+    if key_positions_valid is not None:
+        mask = mask & key_positions_valid[:, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=groups > 1)
+
+
+AttentionFn = Callable[..., torch.Tensor]
+ATTENTION: dict[str, AttentionFn] = {"dense": dense_attention}
+
+
+def register_attention(name: str, fn: AttentionFn) -> None:
+    ATTENTION[name] = fn
+
+
+def _attention_fn(name: str) -> AttentionFn:
+    if name not in ATTENTION and name == "infllmv2":
+        try:  # registers itself on import, once that issue lands
+            import cpmtool.kernels.infllmv2  # noqa: F401
+        except ImportError:
+            pass
+    if name not in ATTENTION:
+        from cpmtool.errors import ConfigError
+
+        raise ConfigError(f"unknown attention {name!r} (available: {', '.join(sorted(ATTENTION))})")
+    return ATTENTION[name]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.config, self.layer = config, layer
+        h, d = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
+        qkv_bias = config.attention_bias or config.family == "qwen2"
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, self.n_kv * d, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, self.n_kv * d, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=config.attention_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        self.attn_fn = _attention_fn(config.attention)
+
+    def forward(self, x, cos, sin, positions, cache: KVCache | None):
+        b, t, _ = x.shape
+        d = self.config.head_dim
+        q = self.q_proj(x).view(b, t, self.n_heads, d)  # (B, T, H, D)
+        k = self.k_proj(x).view(b, t, self.n_kv, d)
+        v = self.v_proj(x).view(b, t, self.n_kv, d)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        valid = None
+        if cache is not None:
+            k, v = cache.write(self.layer, k, v, positions)  # (B, Hkv, S, D)
+            valid = cache.valid
+        y = self.attn_fn(q, k, v, positions=positions, key_positions_valid=valid, causal_no_cache=cache is None,
+                         layer=self.layer, cache=cache, config=self.config)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * d))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.residual_scale = config.residual_scale  # μP: scale_depth / sqrt(L); 1.0 otherwise
+
+    def forward(self, x, cos, sin, positions, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache) * self.residual_scale
+        return x + self.mlp(self.post_attention_layernorm(x)) * self.residual_scale
+
+
+class _Body(nn.Module):
+    # the `model.` prefix of HF names
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = _Body(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
+        p = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len, dtype or p.dtype, device or p.device)
+
+    def hidden_states(self, input_ids, positions=None, cache: KVCache | None = None) -> torch.Tensor:
+        """Final normed hidden states (B, T, hidden), already divided by the μP logit divisor."""
+        b, t = input_ids.shape
+        if positions is None:
+            positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        if self.config.scale_emb != 1.0:
+            x = x * self.config.scale_emb
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin, positions, cache)
+        x = self.model.norm(x)
+        if self.config.logit_divisor != 1.0:
+            x = x / self.config.logit_divisor
+        return x
+
+    def forward(self, input_ids, positions=None, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V). `positions` (B, T) default to 0..T-1; with `cache` they index its slots."""
+        return self.lm_head(self.hidden_states(input_ids, positions, cache))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def greedy(self, input_ids: list[int], max_new_tokens: int, stop_ids: list[int] | None = None) -> list[int]:
+        """Greedy decoding of one sequence with the KV cache (a reference loop; the engine batches)."""
+        stop = set(self.config.eos_ids if stop_ids is None else stop_ids)
+        cache = self.new_cache(1, len(input_ids) + max_new_tokens)
+        ids = torch.tensor([input_ids])
+        pos = torch.arange(len(input_ids))[None]
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            nxt = int(self(ids, pos, cache)[0, -1].argmax())
+            out.append(nxt)
+            if nxt in stop:
+                break
+            ids, pos = torch.tensor([[nxt]]), pos[:, -1:] + 1
+        return out
