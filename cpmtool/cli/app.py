@@ -103,7 +103,7 @@ def _command_name(argv: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, render errors as one line, map signals to exit codes."""
-    import click
+    from typer.exceptions import TyperException
 
     argv = sys.argv[1:] if argv is None else argv
     prog = _command_name(argv)
@@ -119,18 +119,16 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         sys.exit(130)
     except BrokenPipeError:
         _quiet_broken_pipe()
         sys.exit(0)
-    except click.ClickException as e:
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except TyperException as e:  # usage errors (typer vendors click's exceptions)
         e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
+        sys.exit(getattr(e, "exit_code", 2))
     except Exception as e:  # an unexpected bug: still one line unless --debug
         if _state["debug"]:
             raise
