@@ -76,7 +76,8 @@ class KVCache:
 
     Rows may sit at different positions (continuous batching), so writes scatter by position and
     attention masks by position instead of assuming one shared length. `valid` (B, S) marks written
-    slots, so left-padding or freed rows never leak into attention.
+    slots, so padding or freed rows never leak into attention. Attention reads only the slots up to
+    the high-water mark `used`, so a cache sized for the longest request costs nothing early on.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype, device):
@@ -85,22 +86,46 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
+        self.used = 0
         self.extra: dict = {}  # per-attention state (InfLLM v2 keeps its compressed keys here)
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
 
     def reset(self, rows: torch.Tensor | None = None) -> None:
         if rows is None:
             self.valid.zero_()
+            self.used = 0
         else:
             self.valid[rows] = False
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        # k, v (B, Hkv, T, D); positions (B, T)
+        """Store k, v (B, Hkv, T, D) at `positions` (B, T); return the cached (B, Hkv, used, D) views."""
+        if layer == 0:
+            self.used = max(self.used, int(positions.max()) + 1)
+            if self.used > self.max_len:
+                raise ValueError(f"KV cache overflow: position {self.used - 1} >= max_len {self.max_len}")
+            self.valid.scatter_(1, positions, True)
         idx = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         self.k[layer].scatter_(2, idx, k)
         self.v[layer].scatter_(2, idx, v)
-        if layer == 0:
-            self.valid.scatter_(1, positions, True)
-        return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, : self.used], self.v[layer][:, :, : self.used]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep (and reorder/repeat) the given rows: drops finished sequences, fans a prompt out to n samples."""
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
+        self.valid = self.valid.index_select(0, rows)
+        # per-attention state follows the same rule: tensors (or per-layer lists of them) batch-first
+        def sel(x):
+            if isinstance(x, torch.Tensor):
+                return x.index_select(0, rows)
+            if isinstance(x, list):
+                return [sel(t) for t in x]
+            return x
+
+        self.extra = {k: sel(v) for k, v in self.extra.items()}
 
 
 def dense_attention(q, k, v, *, positions, key_positions_valid=None, causal_no_cache=False, layer=None, cache=None,
@@ -171,7 +196,7 @@ class Attention(nn.Module):
         valid = None
         if cache is not None:
             k, v = cache.write(self.layer, k, v, positions)  # (B, Hkv, S, D)
-            valid = cache.valid
+            valid = cache.valid[:, : k.shape[2]]
         y = self.attn_fn(q, k, v, positions=positions, key_positions_valid=valid, causal_no_cache=cache is None,
                          layer=self.layer, cache=cache, config=self.config)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * d))
