@@ -1,0 +1,109 @@
+"""Synthetic tasks: seeded streams, disjoint splits, answers recomputed independently, graders."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from cpmtool.data import tasks
+from cpmtool.errors import ConfigError
+
+
+def _operands(prompt: str) -> tuple[int, str, int]:
+    a, op, b = re.fullmatch(r"Compute (\d+)([+*-])(\d+)\.", prompt).groups()
+    return int(a), op, int(b)
+
+
+def test_streams_are_seeded_and_deterministic():
+    a = list(tasks.generate("arithmetic", "train", 50, seed=3, with_solution=True))
+    b = list(tasks.generate("arithmetic", "train", 50, seed=3, with_solution=True))
+    c = list(tasks.generate("arithmetic", "train", 50, seed=4))
+    assert a == b
+    assert [r["prompt"] for r in a] != [r["prompt"] for r in c]
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_splits_are_disjoint_whatever_the_seeds(task):
+    train = {r["prompt"] for s in range(3) for r in tasks.generate(task, "train", 600, seed=s)}
+    test = {r["prompt"] for s in range(3) for r in tasks.generate(task, "test", 200, seed=s)}
+    assert train and test and not train & test
+    assert all(tasks.split_of(p) == "test" for p in test)
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_records_have_the_prompt_contract_and_unique_ids(task):
+    recs = list(tasks.generate(task, "test", 120, seed=0))
+    assert len({r["id"] for r in recs}) == 120
+    for r in recs:
+        assert r["task"] == task and r["level"] in tasks.LEVELS[task]
+        assert r["messages"] == [{"role": "user", "content": r["prompt"]}]
+        assert isinstance(r["answer"], str)
+    # levels are cycled evenly
+    assert {r["level"] for r in recs} == set(tasks.LEVELS[task])
+
+
+def test_level_selects_the_difficulty():
+    for lv, digits in ((1, 2), (3, 4), (5, 6)):
+        for r in tasks.generate("arithmetic", "test", 30, seed=1, level=lv):
+            a, op, b = _operands(r["prompt"])
+            if op in "+-":  # the level's multiplications have their own sizes
+                assert len(str(a)) == digits
+    with pytest.raises(ConfigError, match="levels"):
+        list(tasks.generate("arithmetic", "test", 1, level=9))
+    with pytest.raises(ConfigError, match="unknown task"):
+        list(tasks.generate("poetry", "test", 1))
+    with pytest.raises(ConfigError, match="unknown split"):
+        list(tasks.generate("arithmetic", "dev", 1))
+
+
+def test_arithmetic_answers_and_working_are_correct():
+    ops = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__}
+    for r in tasks.generate("arithmetic", "train", 500, seed=7, with_solution=True):
+        a, op, b = _operands(r["prompt"])
+        assert int(r["answer"]) == ops[op](a, b) >= 0
+        assert tasks.extract_boxed(r["solution"]) == r["answer"]
+        assert tasks.grade(r, r["solution"])
+        # every line of working `x+y(+c)=s`, `x*y(+c)=p`, `(1)x-y(-b)=d` is itself true
+        for line in r["solution"].splitlines()[:-1]:
+            lhs, rhs = line.split(" b1")[0].split("=")
+            assert eval(lhs) == int(rhs), line  # noqa: S307 - digits and + - * only
+
+
+def test_addition_trace_shows_carries():
+    assert tasks.add_working(347, 589) == "7+9=16\n4+8+1=13\n3+5+1=9"
+    assert tasks.sub_working(512, 347) == "12-7=5 b1\n11-4-1=6 b1\n5-3-1=1"
+    assert tasks.mul1_working(347, 8) == "7*8=56\n4*8+5=37\n3*8+3=27"
+    assert tasks.mul_working(47, 36) == "47*6=282\n47*30=1410\n282+1410=1692"
+
+
+def test_countdown_answers_reach_the_target_with_the_given_numbers():
+    for r in tasks.generate("countdown", "train", 300, seed=2, with_solution=True):
+        expr = tasks.extract_boxed(r["solution"])
+        assert len(r["numbers"]) == r["level"] + 1
+        assert tasks.check_countdown(expr, r["numbers"], int(r["answer"]))
+        assert tasks.grade(r, r["solution"])
+
+
+def test_countdown_checker_accepts_valid_and_rejects_invalid():
+    nums, target = [3, 7, 25], 46
+    assert tasks.check_countdown("25+3*7", nums, target)
+    assert tasks.check_countdown("(25-7)*3-8", [25, 7, 3, 8], 46)
+    assert tasks.check_countdown("7*3+25", nums, target)
+    assert not tasks.check_countdown("25+21", nums, target)  # 21 is not given
+    assert not tasks.check_countdown("25+3*7+3-3", nums, target)  # 3 used three times
+    assert not tasks.check_countdown("25+3*7+1", nums, target)  # wrong value
+    assert not tasks.check_countdown("25/0+3", nums, target)
+    assert not tasks.check_countdown("__import__('os')", nums, target)
+    assert not tasks.check_countdown("25**2", nums, 625)
+    assert not tasks.check_countdown("", nums, target)
+    assert tasks.check_countdown("(7+25)/(3+5)", [7, 25, 3, 5], 4)  # exact rational arithmetic
+    assert not tasks.check_countdown("7/2*2", [7, 2, 2], 6)
+
+
+def test_grade_reads_the_last_box():
+    rec = {"task": "arithmetic", "answer": "936"}
+    assert tasks.grade(rec, "7+9=16\n\\boxed{936}")
+    assert tasks.grade(rec, "\\boxed{1} no, \\boxed{ 936 }")
+    assert not tasks.grade(rec, "\\boxed{936} no, \\boxed{937}")
+    assert not tasks.grade(rec, "936")
