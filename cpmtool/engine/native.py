@@ -1,0 +1,321 @@
+"""The native engine: batched generation on our `Transformer` with a preallocated KV cache.
+
+A `Scheduler` owns the running batch. `add()` queues a request; each `step()` first admits queued
+requests while there is room (one batched prefill of their prompts, each prompt prefilled once and
+its KV fanned out to its n samples), then runs one decode step for every running sequence.
+Finished rows are dropped from the cache (compaction), so the batch only pays for live sequences.
+`generate_stream` and `serve` both drive a Scheduler; continuous batching falls out of it: a new
+request joins between two decode steps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from cpmtool.engine.sampling import sample, token_logprobs
+from cpmtool.engine.types import Completion, Request, Result, SamplingParams
+from cpmtool.errors import ConfigError
+
+
+@dataclass
+class _Seq:
+    req: _Req
+    index: int  # sample index within the request
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    text: str | None = None
+
+    @property
+    def pos(self) -> int:  # position of the next token to feed
+        return len(self.req.prompt_ids) + len(self.tokens) - 1
+
+
+@dataclass
+class _Req:
+    request: Request
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[_Seq] = field(default_factory=list)
+    stop_ids: frozenset = frozenset()
+
+    @property
+    def done(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs)
+
+
+@dataclass
+class TokenEvent:
+    """One new token of one sequence, for token-level streaming (serve)."""
+
+    request: Request
+    index: int
+    token_id: int
+    finished: bool
+    seq: _Seq
+
+
+class Scheduler:
+    """Continuous batching over one model. Not thread-safe: drive it from one thread."""
+
+    def __init__(self, engine: NativeEngine, max_batch: int = 64, max_len: int | None = None):
+        self.engine = engine
+        self.model = engine.model
+        self.max_batch = max_batch
+        cfg = self.model.config
+        self.max_len = max_len or cfg.max_position_embeddings
+        self.waiting: deque[_Req] = deque()
+        self.running: list[_Seq] = []
+        self.cache = None
+        self.last_tokens: torch.Tensor | None = None  # (B,) next input per running row
+
+    # -- queue -------------------------------------------------------------------------------
+    def add(self, request: Request, params: SamplingParams | None = None) -> _Req:
+        params = params or request.params
+        ids = self.engine.encode(request)
+        if not ids:
+            raise ConfigError(f"request {request.id!r}: empty prompt")
+        if len(ids) + 1 > self.max_len:
+            raise ConfigError(f"request {request.id!r}: prompt of {len(ids)} tokens exceeds the maximum "
+                              f"length {self.max_len}")
+        if len(ids) + params.max_tokens > self.max_len:
+            params = params.with_(max_tokens=self.max_len - len(ids))
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.engine.eos_ids
+        req = _Req(request, ids, params, stop_ids=frozenset(stop_ids))
+        for j in range(params.n):
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator().manual_seed((params.seed * 1_000_003 + j) % (2**63))
+            req.seqs.append(_Seq(req, j, gen))
+        self.waiting.append(req)
+        return req
+
+    def abort(self, req: _Req) -> None:
+        """Free a request's rows (a client went away)."""
+        if req in self.waiting:
+            self.waiting.remove(req)
+        for s in req.seqs:
+            if s.finish_reason is None:
+                s.finish_reason = "abort"
+        self._compact()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[TokenEvent]:
+        events = self._admit()
+        self._compact()  # a sequence may end on its first token
+        if self.running:
+            events += self._decode()
+            self._compact()
+        return events
+
+    def _admit(self) -> list[TokenEvent]:
+        batch: list[_Req] = []
+        room = self.max_batch - len(self.running)
+        while self.waiting and (not batch or room >= self.waiting[0].params.n) and \
+                (room >= self.waiting[0].params.n or not self.running):
+            req = self.waiting.popleft()
+            batch.append(req)
+            room -= req.params.n
+        if not batch:
+            return []
+        lens = [len(r.prompt_ids) for r in batch]
+        t = max(lens)
+        dev = self.engine.device
+        ids = torch.tensor([r.prompt_ids + [0] * (t - len(r.prompt_ids)) for r in batch], device=dev)  # (U, T)
+        positions = torch.arange(t, device=dev).expand(len(batch), t)
+        # size the cache for this admission only; _merge pads when later requests need more room
+        need = max(len(r.prompt_ids) + r.params.max_tokens for r in batch)
+        cache = self.model.new_cache(len(batch), need)
+        logits = self.model(ids, positions, cache)  # (U, T, V)
+        # right padding wrote junk past each prompt: invalidate it; decode overwrites those slots
+        for u, n in enumerate(lens):
+            cache.valid[u, n:] = False
+        last = logits[torch.arange(len(batch)), torch.tensor(lens) - 1].float()  # (U, V)
+        fan = torch.tensor([u for u, r in enumerate(batch) for _ in r.seqs], device=dev)
+        cache.select_rows(fan)
+        last = last.index_select(0, fan)
+        seqs = [s for r in batch for s in r.seqs]
+        events = self._sample_append(seqs, last)
+        self._merge(cache, seqs)
+        return events
+
+    def _merge(self, cache, seqs: list[_Seq]) -> None:
+        if self.cache is None or not self.running:
+            self.cache, self.running = cache, list(seqs)
+            return
+        old = self.cache
+        if old.max_len != cache.max_len:
+            small, big = (old, cache) if old.max_len < cache.max_len else (cache, old)
+            _grow(small, big.max_len)
+        old.k = [torch.cat(p) for p in zip(old.k, cache.k, strict=True)]
+        old.v = [torch.cat(p) for p in zip(old.v, cache.v, strict=True)]
+        old.valid = torch.cat([old.valid, cache.valid])
+        old.used = max(old.used, cache.used)
+        for key in set(old.extra) | set(cache.extra):
+            a, b = old.extra.get(key), cache.extra.get(key)
+            if isinstance(a, torch.Tensor):
+                old.extra[key] = torch.cat([a, b])
+            elif isinstance(a, list):
+                old.extra[key] = [torch.cat(p) for p in zip(a, b, strict=True)]
+        self.running += seqs
+
+    def _decode(self) -> list[TokenEvent]:
+        dev = self.engine.device
+        ids = torch.tensor([[s.tokens[-1]] for s in self.running], device=dev)  # (B, 1)
+        pos = torch.tensor([[s.pos] for s in self.running], device=dev)  # (B, 1)
+        logits = self.model(ids, pos, self.cache)[:, -1].float()  # (B, V)
+        return self._sample_append(self.running, logits)
+
+    def _sample_append(self, seqs: list[_Seq], logits: torch.Tensor) -> list[TokenEvent]:
+        ps = [s.req.params for s in seqs]
+        temp = torch.tensor([p.temperature for p in ps])
+        top_k = torch.tensor([p.top_k for p in ps])
+        top_p = torch.tensor([p.top_p for p in ps])
+        min_p = torch.tensor([p.min_p for p in ps])
+        nxt = sample(logits, temp, top_k, top_p, min_p, [s.generator for s in seqs])
+        want_lp = [p.logprobs is not None for p in ps]
+        lp = top_v = top_i = None
+        if any(want_lp):
+            k = max((p.logprobs or 0) for p in ps)
+            lp, top_v, top_i = token_logprobs(logits, nxt, k)
+        events = []
+        for b, s in enumerate(seqs):
+            tok = int(nxt[b])
+            s.tokens.append(tok)
+            if want_lp[b]:
+                s.logprobs.append(float(lp[b]))
+                if s.req.params.logprobs:
+                    k = s.req.params.logprobs
+                    s.top.append(dict(zip(top_i[b, :k].tolist(), top_v[b, :k].tolist(), strict=True)))
+            self._check_stop(s, tok)
+            events.append(TokenEvent(s.req.request, s.index, tok, s.finish_reason is not None, s))
+        return events
+
+    def _check_stop(self, s: _Seq, tok: int) -> None:
+        p = s.req.params
+        if tok in s.req.stop_ids:
+            s.finish_reason, s.stop_reason = "stop", tok
+        elif p.stop:
+            text = self.engine.decode(s.tokens)
+            hits = [(text.find(x), x) for x in p.stop if x in text]
+            if hits:
+                at, x = min(hits)
+                s.finish_reason, s.stop_reason, s.text = "stop", x, text[:at]
+                return
+        if s.finish_reason is None and len(s.tokens) >= p.max_tokens:
+            s.finish_reason = "length"
+
+    def _compact(self) -> None:
+        keep = [i for i, s in enumerate(self.running) if s.finish_reason is None]
+        if len(keep) == len(self.running):
+            return
+        self.running = [self.running[i] for i in keep]
+        if keep:
+            self.cache.select_rows(torch.tensor(keep, device=self.engine.device))
+        else:
+            self.cache = None
+
+
+def _grow(cache, max_len: int) -> None:
+    pad = max_len - cache.max_len
+    cache.k = [torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in cache.k]  # (B, Hkv, S, D): pad S
+    cache.v = [torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in cache.v]
+    cache.valid = torch.nn.functional.pad(cache.valid, (0, pad))
+    cache.max_len = max_len
+
+
+class NativeEngine:
+    """Generation on our own model, in-process (the default backend)."""
+
+    name = "native"
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 64, max_len: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_len = max_len
+        self.device = next(model.parameters()).device
+        eos = set(model.config.eos_ids)
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self.eos_ids = frozenset(eos)
+
+    @classmethod
+    def load(cls, model: str, *, dtype: str = "float32", device: str = "cpu", attention: str | None = None,
+             **kw) -> NativeEngine:
+        from cpmtool.model.loader import load_model
+        from cpmtool.model.tokenizer import load_tokenizer
+
+        m, _ = load_model(model, dtype=dtype, device=device, attention=attention)
+        return cls(m, load_tokenizer(model), **kw)
+
+    # -- text <-> ids -------------------------------------------------------------------------
+    def encode(self, request: Request) -> list[int]:
+        if request.prompt_ids is not None:
+            return list(request.prompt_ids)
+        if request.messages is not None:
+            from cpmtool.model.tokenizer import encode_chat
+
+            return encode_chat(self.tokenizer, request.messages)
+        return self.tokenizer.encode(request.prompt, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- generation ---------------------------------------------------------------------------
+    def scheduler(self, max_len: int | None = None) -> Scheduler:
+        return Scheduler(self, self.max_batch, max_len or self.max_len)
+
+    def generate_stream(self, requests: Iterable[Request], params: SamplingParams | None = None) -> Iterator[Result]:
+        """Results in the order requests finish; at most `max_batch` sequences run at once, and the
+        input is consumed lazily so a long stream of prompts never sits in memory at once."""
+        it = iter(requests)
+        sched = self.scheduler()
+        pending: list[_Req] = []
+        exhausted = False
+        while True:
+            while not exhausted and len(sched.waiting) + len(sched.running) < 2 * self.max_batch:
+                nxt = next(it, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                pending.append(sched.add(nxt, params))
+            if not sched.has_work:
+                break
+            sched.step()
+            for r in [r for r in pending if r.done]:
+                pending.remove(r)
+                yield self._result(r)
+
+    def generate(self, requests: list[Request], params: SamplingParams | None = None) -> list[Result]:
+        """Results in request order."""
+        sched = self.scheduler()
+        reqs = [sched.add(r, params) for r in requests]
+        while sched.has_work:
+            sched.step()
+        return [self._result(r) for r in reqs]
+
+    def _result(self, r: _Req) -> Result:
+        comps = []
+        for s in r.seqs:
+            text = s.text if s.text is not None else self.decode(s.tokens)
+            comps.append(Completion(
+                index=s.index, text=text, token_ids=list(s.tokens), finish_reason=s.finish_reason or "length",
+                logprobs=list(s.logprobs) if r.params.logprobs is not None else None,
+                top_logprobs=list(s.top) if r.params.logprobs else None, stop_reason=s.stop_reason,
+            ))
+        return Result(id=r.request.id, prompt_ids=r.prompt_ids, completions=comps)

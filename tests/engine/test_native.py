@@ -1,0 +1,142 @@
+"""The native engine: parity with transformers `generate`, sampling contracts, continuous batching."""
+
+import pytest
+import torch
+
+from cpmtool.engine.native import NativeEngine
+from cpmtool.engine.types import Request, SamplingParams
+from cpmtool.errors import ConfigError
+
+PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away, there lived", "1, 2, 3,", "Hello"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_pair, smollm2_tokenizer):
+    return NativeEngine(tiny_pair[0], smollm2_tokenizer, max_batch=8)
+
+
+def hf_greedy(ref, ids, n):
+    import transformers
+
+    gc = transformers.GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        return ref.generate(torch.tensor([ids]), generation_config=gc)[0, len(ids):].tolist()
+
+
+def test_greedy_matches_transformers_generate(engine, tiny_pair):
+    reqs = [Request(prompt=p, id=str(i)) for i, p in enumerate(PROMPTS)]
+    res = engine.generate(reqs, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    for r in res:
+        c = r.completions[0]
+        assert c.token_ids == hf_greedy(tiny_pair[1], r.prompt_ids, 12), r.id
+        assert c.finish_reason == "length" and len(c.token_ids) == 12
+
+
+def test_batch_composition_does_not_change_outputs(engine):
+    p = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=10, seed=11, n=2, ignore_eos=True)
+    together = engine.generate([Request(prompt=x, id=x) for x in PROMPTS], p)
+    for x, r in zip(PROMPTS, together, strict=True):
+        alone = engine.generate([Request(prompt=x, id=x)], p)[0]
+        assert [c.token_ids for c in r.completions] == [c.token_ids for c in alone.completions]
+
+
+def test_n_samples_share_the_prompt_and_differ(engine):
+    r = engine.generate([Request(prompt="Hello", id="h")], SamplingParams(temperature=1.0, n=4, max_tokens=8,
+                                                                         seed=1, ignore_eos=True))[0]
+    assert [c.index for c in r.completions] == [0, 1, 2, 3]
+    assert len({tuple(c.token_ids) for c in r.completions}) > 1
+
+
+def test_logprobs_equal_a_full_forward(engine, tiny_pair):
+    ours = tiny_pair[0]
+    r = engine.generate([Request(prompt="The quick brown fox", id="x")],
+                        SamplingParams(temperature=1.0, max_tokens=6, seed=3, logprobs=3, ignore_eos=True))[0]
+    c = r.completions[0]
+    ids = torch.tensor([r.prompt_ids + c.token_ids])
+    with torch.no_grad():
+        logp = ours(ids)[0].log_softmax(-1)
+    n = len(r.prompt_ids)
+    for t, tok in enumerate(c.token_ids):
+        want = logp[n - 1 + t]
+        assert abs(c.logprobs[t] - want[tok].item()) < 1e-4
+        top = want.topk(3)
+        assert list(c.top_logprobs[t]) == top.indices.tolist()
+
+
+def test_stop_strings_and_stop_tokens(engine):
+    base = engine.generate([Request(prompt="1, 2, 3,", id="a")],
+                           SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].completions[0]
+    # stop at the text of the third generated token: the text is cut before it
+    cut = engine.decode(base.token_ids[:3])
+    stop_piece = engine.decode(base.token_ids[2:3]).strip()
+    if stop_piece:
+        c = engine.generate([Request(prompt="1, 2, 3,", id="a")],
+                            SamplingParams(temperature=0, max_tokens=12, stop=[stop_piece], ignore_eos=True)
+                            )[0].completions[0]
+        assert c.finish_reason == "stop" and c.stop_reason == stop_piece
+        assert stop_piece not in c.text and cut.startswith(c.text)
+    tok = base.token_ids[4]
+    c = engine.generate([Request(prompt="1, 2, 3,", id="a")],
+                        SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[tok], ignore_eos=True)
+                        )[0].completions[0]
+    first = base.token_ids.index(tok)
+    assert c.token_ids == base.token_ids[: first + 1] and c.finish_reason == "stop" and c.stop_reason == tok
+
+
+def test_continuous_batching_a_late_request_joins(engine):
+    p = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    solo = {x: engine.generate([Request(prompt=x, id=x)], p)[0].completions[0].token_ids for x in PROMPTS[:2]}
+    sched = engine.scheduler()
+    a = sched.add(Request(prompt=PROMPTS[0], id="a"), p)
+    for _ in range(4):
+        sched.step()
+    assert len(sched.running) == 1
+    b = sched.add(Request(prompt=PROMPTS[1], id="b"), p)
+    sched.step()
+    assert len(sched.running) == 2  # b joined the running batch
+    while sched.has_work:
+        sched.step()
+    assert a.seqs[0].tokens == solo[PROMPTS[0]]
+    assert b.seqs[0].tokens == solo[PROMPTS[1]]
+
+
+def test_more_requests_than_batch_slots(tiny_pair, smollm2_tokenizer):
+    eng = NativeEngine(tiny_pair[0], smollm2_tokenizer, max_batch=2)
+    p = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    reqs = [Request(prompt=f"{i} apples and", id=str(i)) for i in range(7)]
+    res = eng.generate(reqs, p)
+    assert [r.id for r in res] == [str(i) for i in range(7)]
+    streamed = {r.id: r.completions[0].token_ids for r in eng.generate_stream(iter(reqs), p)}
+    assert streamed == {r.id: r.completions[0].token_ids for r in res}
+
+
+def test_bad_requests(engine):
+    with pytest.raises(ConfigError, match="empty prompt"):
+        engine.generate([Request(prompt_ids=[], id="e")])
+    with pytest.raises(ConfigError, match="exceeds the maximum length"):
+        engine.generate([Request(prompt_ids=[1] * 600, id="long")])
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ConfigError, match="exactly one"):
+        Request(prompt="a", prompt_ids=[1])
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_transformers(smollm2_tokenizer):
+    import transformers
+
+    from cpmtool.model.registry import resolve_model
+
+    eng = NativeEngine.load("smollm2-135m", max_batch=4)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(resolve_model("smollm2-135m")),
+                                                            dtype=torch.float32).eval()
+    msgs = [[{"role": "user", "content": q}] for q in ("What is the capital of France?", "Name three colors.")]
+    res = eng.generate([Request(messages=m, id=str(i)) for i, m in enumerate(msgs)],
+                       SamplingParams(temperature=0, max_tokens=20))
+    assert "Paris" in res[0].completions[0].text
+    for r in res:
+        c = r.completions[0]
+        gc = transformers.GenerationConfig(max_new_tokens=20, do_sample=False)
+        with torch.no_grad():
+            want = ref.generate(torch.tensor([r.prompt_ids]), generation_config=gc)[0, len(r.prompt_ids):].tolist()
+        assert c.token_ids == want
