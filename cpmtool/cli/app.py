@@ -30,7 +30,7 @@ _state = {"debug": False}
 # or `command` (a function). Commands whose issue has not landed are registered as stubs.
 _COMMANDS: list[tuple[str, str | None, str]] = [
     ("models", "models", "List, pull, inspect and export models (cpm-tiny, smollm2-135m, local dirs, GGUF)."),
-    ("clean", None, "Filter, dedupe and score pre-training documents (UltraClean)."),
+    ("clean", "clean", "Filter, dedupe and score pre-training documents (UltraClean)."),
     ("synth-if", None, "Synthesise instruction-following data (UltraIF)."),
     ("annotate-pref", None, "Build preference pairs by point-wise judging (AIR)."),
     ("rollout", None, "Sample completions, score them with verifiers or majority vote."),
