@@ -63,6 +63,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.family == "qwen3":
+            self.qk_norm = True  # Qwen3 always has q/k norms; to_hf() does not write the flag
         problems = []
         if self.family not in FAMILIES:
             problems.append(f"unknown family {self.family!r} (valid: {', '.join(FAMILIES)})")
