@@ -112,6 +112,9 @@ class ModelConfig:
                 f"unsupported model_type {model_type!r} (supported: {', '.join(sorted(_MODEL_TYPES))})"
             )
         family = _MODEL_TYPES[model_type]
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"unsupported hidden_act {act!r} (cpmtool's decoder implements silu)")
         rope = dict(hf.get("rope_parameters") or {})
         rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
         rope_scaling = hf.get("rope_scaling") or None
