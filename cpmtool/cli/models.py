@@ -152,6 +152,29 @@ def path_cmd(model: str = typer.Argument(..., help="Registry name, HF model dire
     print(resolve_model(model))
 
 
+@app.command("export")
+def export_cmd(
+    model: str = typer.Argument(..., help="Registry name, HF model directory or .gguf file (llama or minicpm)."),
+    out: str = typer.Option(..., "--out", "-o", help="Output directory (HF layout, safetensors)."),
+    fmt: str = typer.Option("llama", "--format", help="Target format; only `llama` exists."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (the source's), float32, bfloat16 or float16."),
+):
+    """Export a checkpoint that transformers and vLLM load as a plain LlamaForCausalLM.
+
+    transformers has no MiniCPM4 class, so the μP scales (scale_emb, scale_depth/sqrt(L),
+    hidden_size/dim_model_base) are folded into the weights; logits stay the same.
+    Prints the output path.
+
+    Example: cpmtool models export cpm-tiny --format llama --out cpm-tiny-llama
+    """
+    from cpmtool.errors import ConfigError
+    from cpmtool.model.export import export_llama
+
+    if fmt != "llama":
+        raise ConfigError(f"unknown export format {fmt!r} (valid: llama)")
+    print(export_llama(model, out, dtype=dtype))
+
+
 def _compact(v) -> str:
     import json
 
