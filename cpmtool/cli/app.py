@@ -33,7 +33,7 @@ _COMMANDS: list[tuple[str, str | None, str]] = [
     ("clean", "clean", "Filter, dedupe and score pre-training documents (UltraClean)."),
     ("synth-if", None, "Synthesise instruction-following data (UltraIF)."),
     ("annotate-pref", None, "Build preference pairs by point-wise judging (AIR)."),
-    ("rollout", None, "Sample completions, score them with verifiers or majority vote."),
+    ("rollout", "rollout", "Sample completions, score them with verifiers or majority vote."),
     ("train-rl", None, "RL on a policy: GRPO/DAPO, PRIME, NFT, LUFFY, TTRL, Clip-Cov/KL-Cov."),
     ("train-sft", None, "Supervised fine-tuning."),
     ("train-dpo", None, "Direct preference optimisation."),
@@ -87,7 +87,7 @@ def _register():
         if hasattr(mod, "app"):
             app.add_typer(mod.app, name=name, help=help_text)
         else:
-            app.command(name, help=help_text)(mod.command)
+            app.command(name, help=None if mod.command.__doc__ else help_text)(mod.command)  # docstring: --help
 
 
 _register()
