@@ -9,7 +9,7 @@ data, no pickle, readable by any later version.
 Preprocessing is Ultra-FineWeb's (preprocess_content.py): collapse 3+ newlines to 2,
 lower-case, NFKD without combining marks, split into tokens joined by spaces, escape
 newlines/tabs, squeeze spaces. Ultra-FineWeb's tokens are DeepSeek-V2 sub-words; without a
-`tokenizer` (a tokenizer.json path) this uses words and punctuation marks instead.
+`tokenizer` (a tokenizer.json path) this uses words, punctuation marks and newline runs instead.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 from cpmtool.errors import ConfigError, InputError, MissingDependencyError
 
 _NEWLINES = re.compile(r"\n{3,}")
-_WORDS = re.compile(r"\w+|[^\w\s]")
+_WORDS = re.compile(r"\w+|[^\w\s]|\n+")  # newline runs are tokens, as sub-word vocabularies have them
 _SPACES = re.compile(r" +")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from cpmtool.data.clean.words import PUNCTUATION_SET, split_words
 
@@ -135,18 +136,27 @@ def find_duplicates(items: list[str]) -> tuple[int, int]:
     return n_dup, chars
 
 
-def _top_ngram_chars(words: list[str], n: int) -> int:
-    counts = Counter(" ".join(words[i : i + n]) for i in range(len(words) - n + 1))
+def _grams(joined: str, offsets: list[int], n: int) -> list[str]:
+    # word n-grams as slices of the words joined once: one allocation per gram, no list joins
+    return [joined[offsets[i] : offsets[i + n]] for i in range(len(offsets) - n)]
+
+
+def _top_ngram_chars(spaced: str, offsets: list[int], n: int) -> int:
+    # offsets index a " "-joined text, so a gram's slice carries one trailing space to drop
+    counts = Counter(_grams(spaced, offsets, n))
     gram, count = counts.most_common(1)[0]
-    return len(gram) * count
+    return (len(gram) - 1) * count
 
 
-def _repeated_ngram_chars(words: list[str], n: int) -> int:
+def _repeated_ngram_chars(joined: str, offsets: list[int], n: int) -> int:
+    grams = _grams(joined, offsets, n)
+    if len(set(grams)) == len(grams):
+        return 0
     # after a repeat, jump past it so overlapping repeats are not counted twice
     seen: set[str] = set()
-    chars, i, end = 0, 0, len(words) - n + 1
+    chars, i, end = 0, 0, len(grams)
     while i < end:
-        gram = "".join(words[i : i + n])
+        gram = grams[i]
         if gram in seen:
             chars += len(gram)
             i += n
@@ -184,10 +194,17 @@ class GopherRepetition:
         if c.dup_line_char_frac and chars / len(text) > c.dup_line_char_frac:
             return False, "dup_line_char_frac"
         words = split_words(text)
-        for n, frac in c.top_n_grams:
-            if len(words) >= n and _top_ngram_chars(words, n) / len(text) > frac:
-                return False, f"top_{n}_gram"
-        for n, frac in c.dup_n_grams:
-            if _repeated_ngram_chars(words, n) / len(text) > frac:
-                return False, f"duplicated_{n}_n_grams"
+        lengths = [len(w) for w in words]
+        if c.top_n_grams:
+            spaced = " ".join(words) + " "
+            offsets = list(accumulate((x + 1 for x in lengths), initial=0))
+            for n, frac in c.top_n_grams:
+                if len(words) >= n and _top_ngram_chars(spaced, offsets, n) / len(text) > frac:
+                    return False, f"top_{n}_gram"
+        if c.dup_n_grams:
+            joined = "".join(words)  # datatrove joins these n-grams without a separator
+            offsets = list(accumulate(lengths, initial=0))
+            for n, frac in c.dup_n_grams:
+                if len(words) >= n and _repeated_ngram_chars(joined, offsets, n) / len(text) > frac:
+                    return False, f"duplicated_{n}_n_grams"
         return True

@@ -8,6 +8,7 @@ fetched, so the same pipeline runs offline. Scores are normalised probabilities,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from cpmtool.errors import ConfigError, MissingDependencyError
 
@@ -26,6 +27,18 @@ class LangConfig:
     max_chars: int = 5000
 
 
+@lru_cache(1)
+def _identifier():
+    # loading the model takes a second or two; every LanguageId in a process shares one
+    try:
+        from py3langid.langid import MODEL_FILE, LanguageIdentifier
+    except ImportError:
+        raise MissingDependencyError(
+            "language identification needs py3langid (pip install py3langid)"
+        ) from None
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
 class LanguageId:
     """Reasons: `wrong_language` (the top language is not wanted), `low_language_score`."""
 
@@ -33,13 +46,7 @@ class LanguageId:
 
     def __init__(self, cfg: LangConfig | None = None):
         self.cfg = cfg or LangConfig()
-        try:
-            from py3langid.langid import MODEL_FILE, LanguageIdentifier
-        except ImportError:
-            raise MissingDependencyError(
-                "language identification needs py3langid (pip install py3langid)"
-            ) from None
-        self._id = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+        self._id = _identifier()
         unknown = sorted(set(self.cfg.languages) - set(self._id.nb_classes))
         if unknown:
             raise ConfigError(

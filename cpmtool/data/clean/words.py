@@ -52,12 +52,7 @@ class WordSplitter:
         out: list[str] = []
         for chunk in text.split():
             toks = cache.get(chunk)
-            if toks is None:
-                toks = self._tokens(chunk)
-                if len(cache) >= _CACHE_MAX:
-                    cache.clear()
-                cache[chunk] = toks
-            out.extend(toks)
+            out.extend(toks if toks is not None else self._cached(chunk))
         return out
 
     def count_sentences(self, text: str) -> int:
@@ -74,7 +69,7 @@ class WordSplitter:
                 if not words[0]:
                     continue
             else:
-                words = self.split(piece)
+                words = self._cache.get(piece) or self._cached(piece)
             for w in words:
                 if not any_token:
                     n, any_token = 1, True
@@ -85,6 +80,13 @@ class WordSplitter:
                 elif in_punct:
                     seen_period = True
         return n
+
+    def _cached(self, chunk: str) -> tuple[str, ...]:
+        toks = self._tokens(chunk)
+        if len(self._cache) >= _CACHE_MAX:
+            self._cache.clear()
+        self._cache[chunk] = toks
+        return toks
 
     def _tokens(self, chunk: str) -> tuple[str, ...]:
         special = self._specials.get(chunk)
