@@ -38,7 +38,7 @@ _COMMANDS: list[tuple[str, str | None, str]] = [
     ("train-sft", None, "Supervised fine-tuning."),
     ("train-dpo", None, "Direct preference optimisation."),
     ("quantize-ternary", None, "Ternary QAT and 2-bit packing (BitCPM)."),
-    ("serve", None, "OpenAI-compatible HTTP server."),
+    ("serve", "serve", "OpenAI-compatible HTTP server."),
     ("bench", None, "One-command benchmarks: quality and speed."),
 ]
 
