@@ -94,11 +94,11 @@ def _rand_digits(rng: random.Random, n: int) -> int:
 
 # level -> list of (kind, digits of a, digits of b); one is drawn uniformly per problem
 ARITH_LEVELS = {
-    1: [("add", 2, 2), ("sub", 2, 2), ("mul1", 2, 1)],
-    2: [("add", 3, 3), ("sub", 3, 3), ("mul1", 3, 1)],
-    3: [("add", 4, 4), ("sub", 4, 4), ("mul1", 4, 1)],
-    4: [("add", 5, 5), ("sub", 5, 5), ("mul", 2, 2)],
-    5: [("add", 6, 6), ("sub", 6, 6), ("mul", 3, 2)],
+    1: [("add", 2, 2), ("sub", 2, 2)],
+    2: [("add", 3, 3), ("sub", 3, 3)],
+    3: [("add", 4, 4), ("sub", 4, 4), ("mul1", 2, 1)],
+    4: [("add", 5, 5), ("sub", 5, 5), ("mul1", 3, 1)],
+    5: [("add", 6, 6), ("sub", 6, 6), ("mul", 2, 2)],
 }
 
 

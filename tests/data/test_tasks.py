@@ -107,3 +107,21 @@ def test_grade_reads_the_last_box():
     assert tasks.grade(rec, "\\boxed{1} no, \\boxed{ 936 }")
     assert not tasks.grade(rec, "\\boxed{936} no, \\boxed{937}")
     assert not tasks.grade(rec, "936")
+
+
+def test_cli_writes_prompt_records(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CPMTOOL_HOME": str(tmp_path)}
+    args = [sys.executable, "-m", "cpmtool", "models", "tasks", "--task", "countdown", "--split", "test",
+            "--n", "5", "--seed", "2", "--level", "2"]
+    out = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    recs = [json.loads(line) for line in out.stdout.splitlines()]
+    assert recs == list(tasks.generate("countdown", "test", 5, seed=2, level=2))
+    bad = subprocess.run([*args[:6], "poetry"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "cpmtool models: error: unknown task 'poetry' (valid: arithmetic, countdown)")
