@@ -147,7 +147,7 @@ def _batch(streams, sources, starts, seq_len):
     return torch.stack(rows)
 
 
-def _train(model, opt, streams, mix, steps, cfg, gen, lr_mult):
+def _train(model, opt, streams, mix, steps, cfg, gen, lr_mult, log=None):
     """`steps` updates; each batch row comes from stream k with probability mix[k]."""
     import torch
     import torch.nn.functional as F
@@ -170,6 +170,8 @@ def _train(model, opt, streams, mix, steps, cfg, gen, lr_mult):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
+        if log is not None and (step + 1) % 50 == 0:
+            log({"step": step + 1, "of": steps, "loss_bpb": round(sum(losses[-50:]) / 50 / math.log(2), 4)})
     for g, b in zip(opt.param_groups, base, strict=True):
         g["lr"] = b
     return losses
@@ -263,7 +265,17 @@ def verify(
             opt.load_state_dict(copy.deepcopy(state[1]))  # load_state_dict keeps the tensors it is given
             same = torch.Generator().manual_seed(2000 + seed)  # the same batch positions in both anneals
             n = cfg.anneal_steps
-            _train(model, opt, streams, mix, n, cfg, same, lambda s, n=n: wsd_lr(s, n, 0.0, 1.0))
+            _train(
+                model,
+                opt,
+                streams,
+                mix,
+                n,
+                cfg,
+                same,
+                lambda s, n=n: wsd_lr(s, n, 0.0, 1.0),
+                lambda d, seed=seed, name=name: log({"seed": seed, "phase": name, **d}),
+            )
             result[f"{name}_bpb"] = _bits_per_byte(model, held, cfg)
             log(
                 {

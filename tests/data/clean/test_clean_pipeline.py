@@ -137,3 +137,32 @@ def test_records_without_text_and_extra_fields(tmp_path):
     # without normalise, a missing text is still a counted reject, not a crash
     stats = clean(src, tmp_path / "o2.jsonl", stages="gopher_quality")
     assert dict(stats.rejected) == {"gopher_quality:no_text": 2}
+
+
+def test_nothing_is_lost_property(tmp_path_factory):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    line = st.one_of(
+        st.builds(lambda t: json.dumps({"text": t}).encode(), st.text(max_size=300)),
+        st.builds(
+            lambda t: json.dumps({"text": t, "id": "same"}).encode(), st.sampled_from(["a b c", "a  b c"])
+        ),
+        st.sampled_from([b"[1]", b'"str"', b"{bad", b"\xff\xfe{}", b"null", b'{"text": null}']),
+    )
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(line, max_size=12))
+    def check(lines):
+        d = tmp_path_factory.mktemp("prop")
+        src = d / "in.jsonl"
+        src.write_bytes(b"\n".join(lines) + b"\n")
+        stats = clean(
+            src, d / "o.jsonl", stages="normalise,gopher_quality,exact_dedup,minhash", rejects=d / "r.jsonl"
+        )
+        n_out = len((d / "o.jsonl").read_bytes().splitlines())
+        n_rej = len((d / "r.jsonl").read_bytes().splitlines())
+        assert stats.n_in == len(lines) == n_out + n_rej
+        assert stats.n_out == n_out and stats.n_rejected == n_rej
+
+    check()
