@@ -35,6 +35,7 @@ def command(
     policy_version: int = typer.Option(0, "--policy-version", help="Recorded in each chunk's entry."),
     aggregate: int = typer.Option(None, "--aggregate", help="AFT: K proposals, then aggregation."),
     layers: int = typer.Option(1, "--layers", help="AFT aggregation steps."),
+    aggregator_prompt: str = typer.Option(None, "--aggregator-prompt", help="Replaces the aggregator instruction."),
     budget: int = typer.Option(None, "--budget", help="Token budget B per sample."),
     budget_mode: str = typer.Option("truncate", "--budget-mode", help="truncate | force-answer."),
     answer_cue: str = typer.Option(_CUE, "--answer-cue", help="Appended at the budget (force-answer)."),
@@ -75,5 +76,5 @@ def command(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
             stop=stop, logprobs=logprobs, reward=reward, answer_field=answer_field, prompt_field=prompt_field,
             chat=chat, vote=vote, chunk_tokens=chunk_tokens, state=state, policy_version=policy_version,
-            aggregate=aggregate, layers=layers, budget=budget, budget_mode=budget_mode, answer_cue=answer_cue,
-            answer_tokens=answer_tokens, max_batch=max_batch, rejects=rejects, stats_path=stats, strict=strict)
+            aggregate=aggregate, layers=layers, aggregator_prompt=aggregator_prompt, budget=budget,
+            budget_mode=budget_mode, answer_cue=answer_cue, answer_tokens=answer_tokens, max_batch=max_batch, rejects=rejects, stats_path=stats, strict=strict)

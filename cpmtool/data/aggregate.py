@@ -9,7 +9,7 @@ With K proposals and L layers, for each prompt:
 so `layers=1` is "K proposals, then n aggregations of them". Every sample record keeps
 `proposals` (a list of L lists of K texts, P0 first) and `proposal_tokens` (their total length).
 
-AGG(query, proposals) follows AFT's layout. A chat query (`messages`) gets a system turn made of
+AGG(query, proposals) follows AFT's layout (the instruction can be replaced). A chat query (`messages`) gets a system turn made of
 `AGGREGATOR_INSTRUCTION`, a blank line, `Responses from models:` and the numbered proposals
 (`1. <p1>\\n2. <p2>...`), followed by the query's own turns (an existing system turn is appended
 to the aggregator's, after a blank line). A plain-text query becomes the same text block, a blank
@@ -42,15 +42,15 @@ AGGREGATOR_INSTRUCTION = (
 )
 
 
-def aggregation_block(proposals: list[str]) -> str:
+def aggregation_block(proposals: list[str], instruction: str = AGGREGATOR_INSTRUCTION) -> str:
     """The aggregator instruction followed by the numbered proposals."""
     numbered = "\n".join(f"{i}. {p}" for i, p in enumerate(proposals, 1))
-    return f"{AGGREGATOR_INSTRUCTION}\n\nResponses from models:\n{numbered}"
+    return f"{instruction}\n\nResponses from models:\n{numbered}"
 
 
-def aggregation_query(query: dict, proposals: list[str]) -> dict:
+def aggregation_query(query: dict, proposals: list[str], instruction: str = AGGREGATOR_INSTRUCTION) -> dict:
     """The query that asks the model to aggregate `proposals`: `{"messages"}` or `{"prompt"}` like `query`."""
-    block = aggregation_block(proposals)
+    block = aggregation_block(proposals, instruction)
     if "messages" in query:
         msgs = list(query["messages"])
         if msgs and msgs[0].get("role") == "system":
@@ -60,8 +60,13 @@ def aggregation_query(query: dict, proposals: list[str]) -> dict:
     return {"prompt": f"{block}\n\n{query['prompt']}"}
 
 
-def aggregate_stage(run, k: int, layers: int):
-    """The rollout stage of propose-and-aggregate; `run` is the rollout's `_Run`."""
+def aggregate_stage(run, k: int, layers: int, instruction: str | None = None):
+    """The rollout stage of propose-and-aggregate; `run` is the rollout's `_Run`.
+
+    `instruction` replaces AGGREGATOR_INSTRUCTION (a model with a short context, like cpm-tiny's
+    512 positions, has no room for the full text next to the proposals).
+    """
+    instruction = AGGREGATOR_INSTRUCTION if instruction is None else instruction
     def stage(records: Iterator[dict]) -> Iterator[dict | Reject]:
         for batch, rejected in run.batches(records, max(k, run.params.n)):
             yield from rejected
@@ -79,7 +84,7 @@ def aggregate_stage(run, k: int, layers: int):
                 for i in alive:
                     p = batch[i]
                     params = run.params.with_(n=width, seed=derive_seed(run.params.seed, p.group, "layer", layer))
-                    req = run.make_request(aggregation_query(p.query, layers_of[i][-1]), params, str(i))
+                    req = run.make_request(aggregation_query(p.query, layers_of[i][-1], instruction), params, str(i))
                     if isinstance(req, str):
                         yield Reject(p.record, f"aggregate_{req}", p.position)
                         continue

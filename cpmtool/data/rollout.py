@@ -111,6 +111,7 @@ def rollout(
     policy_version: int = 0,
     aggregate: int | None = None,
     layers: int = 1,
+    aggregator_prompt: str | None = None,
     budget: int | None = None,
     budget_mode: str = "truncate",
     answer_cue: str = DEFAULT_ANSWER_CUE,
@@ -140,6 +141,7 @@ def rollout(
         vote: TTRL majority-vote rewards (reward must be "math" or "none").
         chunk_tokens, state, policy_version: chunk-wise rollout; `state` is the JSON state file.
         aggregate, layers: AFT propose-and-aggregate with `aggregate` proposals and `layers` steps.
+        aggregator_prompt: replaces the aggregator instruction (`cpmtool.data.aggregate`).
         budget, budget_mode, answer_cue, answer_tokens: token budget B, "truncate" or "force-answer".
         max_batch: sequences decoded together (native engine).
         rejects, stats_path, strict, progress: as in `cpmtool.io.run_stream`.
@@ -172,7 +174,7 @@ def rollout(
     elif aggregate:
         from cpmtool.data.aggregate import aggregate_stage
 
-        stage = aggregate_stage(run, aggregate, layers)
+        stage = aggregate_stage(run, aggregate, layers, aggregator_prompt)
     elif budget is not None and budget_mode == "force-answer":
         stage = run.forced(answer_cue, answer_tokens)
     else:
@@ -455,22 +457,25 @@ class _Run:
                     groups[cg.key] = cg
                     yield p.request
 
-            for result in self.engine.generate_stream(requests()):
+            try:
+                for result in self.engine.generate_stream(requests()):
+                    while side:
+                        yield side.popleft()
+                    key, _, j = result.id.partition("#")
+                    cg = groups[key]
+                    if cg.prompt_ids is None:
+                        cg.prompt_ids = list(result.prompt_ids)
+                    for c in result.completions:
+                        self.extend(cg, int(j) if j else c.index, c, chunk, version)
+                    if cg.done:
+                        del groups[key]
+                        yield from self.group_records(cg.prompt, [self.finish_text(t) for t in cg.trajs])
                 while side:
                     yield side.popleft()
-                key, _, j = result.id.partition("#")
-                cg = groups[key]
-                if cg.prompt_ids is None:
-                    cg.prompt_ids = list(result.prompt_ids)
-                for c in result.completions:
-                    idx = int(j) if j else c.index
-                    self.extend(cg, idx, c, chunk, version)
-                if cg.done:
-                    del groups[key]
-                    yield from self.group_records(cg.prompt, [self.finish_text(t) for t in cg.trajs])
-            while side:
-                yield side.popleft()
-            save_state(state, [g.to_state() for g in groups.values()])
+            finally:
+                # also when interrupted: what has been extended is kept; a new prompt whose first
+                # chunk never came back has nothing to keep yet
+                save_state(state, [g.to_state() for g in groups.values() if g.prompt_ids is not None])
 
         return stage
 
