@@ -165,3 +165,21 @@ def bench_clean(
         "disagreements": diffs[:20],
         "n_disagreements": len(diffs),
     }
+
+
+def format_report(report: dict) -> str:
+    """A few lines for a person: docs/s of each side, the ratio, the agreement, any disagreements."""
+    dt, cp = report["datatrove"], report["cpmtool"]
+    lines = [
+        f"bench clean: {report['docs']} documents, rules: {', '.join(report['rules'])}",
+        f"  datatrove  {dt['docs_per_s']:>9.1f} docs/s  ({dt['seconds']:.2f} s wall, {dt['cpu_seconds']:.2f} s CPU)"
+        f"  kept {dt['kept']}",
+        f"  cpmtool    {cp['docs_per_s']:>9.1f} docs/s  ({cp['seconds']:.2f} s wall, {cp['cpu_seconds']:.2f} s CPU)"
+        f"  kept {cp['kept']}",
+        f"  speedup {report['speedup']:.2f}x wall, {report['cpu_speedup']:.2f}x CPU (target >= 2x)",
+        f"  keep/drop agreement {100 * report['agreement']:.2f}% (target >= 99%), same rule "
+        f"{100 * report['rule_agreement']:.2f}%",
+    ]
+    for d in report["disagreements"]:
+        lines.append(f"    doc {d['doc']}: datatrove {d['datatrove']}, cpmtool {d['cpmtool']}")
+    return "\n".join(lines)

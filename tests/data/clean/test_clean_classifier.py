@@ -37,7 +37,7 @@ def data(tmp_path_factory):
     docs = [json.loads(line) for line in SAMPLE.open()]
     rng = random.Random(0)
     vocab = sorted({w for r in docs for w in r["text"].split()})
-    pos, neg = docs[:250], _junk(rng, vocab, 250)
+    pos, neg = docs[:150], _junk(rng, vocab, 150)
     (d / "pos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pos))
     (d / "neg.jsonl").write_text("".join(json.dumps(r) + "\n" for r in neg))
     held = docs[250:] + _junk(random.Random(1), vocab, 50)
@@ -46,8 +46,8 @@ def data(tmp_path_factory):
 
 
 def test_train_save_load_score_round_trip(data, tmp_path):
-    info = train(data / "pos.jsonl", data / "neg.jsonl", tmp_path / "clf", n_features=1 << 18)
-    assert info["n_pos"] == 250 and info["n_neg"] == 250 and info["holdout"]["f1"] > 0.9
+    info = train(data / "pos.jsonl", data / "neg.jsonl", tmp_path / "clf", n_features=1 << 16)
+    assert info["n_pos"] == 150 and info["n_neg"] == 150 and info["holdout"]["f1"] > 0.9
     clf = QualityClassifier.load(tmp_path / "clf")
     held = [json.loads(x)["text"] for x in (data / "held.jsonl").read_text().splitlines()]
     scores = clf.score(held)
@@ -60,7 +60,7 @@ def test_train_save_load_score_round_trip(data, tmp_path):
 
 
 def test_classifier_stage_adds_quality_and_filters(data, tmp_path):
-    train(data / "pos.jsonl", data / "neg.jsonl", tmp_path / "clf", n_features=1 << 18)
+    train(data / "pos.jsonl", data / "neg.jsonl", tmp_path / "clf", n_features=1 << 16)
     stats = clean(
         data / "held.jsonl",
         tmp_path / "o.jsonl",

@@ -84,9 +84,9 @@ def corpus(tmp_path_factory):
         pytest.skip(f"{SAMPLE} not found (shared/ must sit beside the repository)")
     docs = [json.loads(line) for line in SAMPLE.open()]
     d = tmp_path_factory.mktemp("corpus")
-    parts = [docs[:100], docs[100:200], docs[200:]]
+    parts = [docs[:40], docs[100:140], docs[200:240]]
     extra = []
-    for k in (3, 10, 150, 220, 299):
+    for k in (3, 10, 110, 220, 239):
         extra.append({"text": docs[k]["text"]})  # exact copy, in a later file
         extra.append({"text": near(docs[k]["text"], 2)})  # near copy
     parts[1] = parts[1] + [

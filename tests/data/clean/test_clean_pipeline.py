@@ -36,7 +36,9 @@ def sample():
 @pytest.fixture(scope="module")
 def default_run(sample, tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
-    stats = clean(sample, d / "out.jsonl", rejects=d / "rej.jsonl", stats_path=d / "stats.json")
+    head = d / "head.jsonl"  # the first 120 documents keep this test quick
+    head.write_text("".join(sample.read_text().splitlines(keepends=True)[:120]))
+    stats = clean(head, d / "out.jsonl", rejects=d / "rej.jsonl", stats_path=d / "stats.json")
     return d, stats
 
 
@@ -54,14 +56,14 @@ def test_default_pipeline_loses_nothing_and_explains_every_drop(default_run):
     d, stats = default_run
     out = [json.loads(x) for x in (d / "out.jsonl").read_text().splitlines()]
     rej = [json.loads(x) for x in (d / "rej.jsonl").read_text().splitlines()]
-    assert stats.n_in == 300 == len(out) + len(rej)
+    assert stats.n_in == 120 == len(out) + len(rej)
     assert len({r["reject_line"] for r in rej} | {None}) == len(rej) + 1  # each input line at most once
     for r in rej:
         assert r["reject_reason"] == f"{r['reject_stage']}:{r['reject_rule']}"
-        assert r["reject_source"].endswith("web_docs_sample.jsonl") and 1 <= r["reject_line"] <= 300
+        assert r["reject_source"].endswith("head.jsonl") and 1 <= r["reject_line"] <= 120
     assert all(r["lang"] == "en" and "id" in r and r["text"] for r in out)
     s = json.loads((d / "stats.json").read_text())
-    assert s["in"] == 300 and s["out"] == len(out) and s["complete"]
+    assert s["in"] == 120 and s["out"] == len(out) and s["complete"]
     assert list(s["stages"]) == [
         "normalise",
         "lang",
@@ -151,7 +153,7 @@ def test_nothing_is_lost_property(tmp_path_factory):
         st.sampled_from([b"[1]", b'"str"', b"{bad", b"\xff\xfe{}", b"null", b'{"text": null}']),
     )
 
-    @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(st.lists(line, max_size=12))
     def check(lines):
         d = tmp_path_factory.mktemp("prop")
