@@ -1,0 +1,310 @@
+"""InfLLM v2 for production on CPU: the reference's semantics with batched gathers, no loop over blocks.
+
+Rows are flattened to N = B * Hkv "groups" (one KV head and its G query heads); every op is batched
+over N. Prefill walks the queries in chunks (bounded memory), and per chunk:
+
+1. stage 1: scores vs the visible compressed keys, max-pooled to blocks, top-k (`select_blocks`);
+2. forced blocks (sinks + local window) are one contiguous key band per chunk: attention over a
+   slice of K, no gather;
+3. the remaining top-k blocks are (query, block) pairs. Pairs are sorted by block and packed into
+   tiles of `PAIR_TILE` queries that share one key block, so each key block is gathered once per
+   tile instead of once per query, then one batched attention call covers every tile;
+4. the band and the tiles return (output, log-sum-exp) and are merged exactly (online softmax).
+
+Decode (one query per row) gathers the selected blocks directly: (N, K, block, D).
+Inference uses ATen's fused CPU flash kernel (it returns the LSE); with autograd on, an
+equivalent plain-matmul path runs so gradients flow to q, k and v (training through the sparse op).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import SparseConfig, num_compressed
+
+PAIR_TILE = 16  # queries per tile sharing one key block: 16 * G rows x 64 keys per matmul
+TILE_BATCH = 256  # tiles per batched matmul: keeps temporaries ~ 8 MB (below glibc's mmap threshold)
+CHUNK = 1024  # queries per prefill chunk: enough pairs per key block to fill tiles
+BAND = 128  # queries per band attention call: the band spans BAND + window keys
+SCORE_BUDGET = 1 << 22  # floats in one stage-1 score tensor (16 MB)
+NEG = float("-inf")
+
+
+def compress(k: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
+    """Mean of keys over windows [j*stride, j*stride + kernel): (..., L, D) -> (..., N, D), float32.
+
+    Sums stride-sized chunks once, then adds kernel/stride neighbouring chunk sums, so K is read once.
+    """
+    n = num_compressed(k.shape[-2], kernel, stride)
+    if n == 0:
+        return k.new_zeros(*k.shape[:-2], 0, k.shape[-1], dtype=torch.float32)
+    m = kernel // stride
+    chunks = k[..., : (n + m - 1) * stride, :].float().unflatten(-2, (n + m - 1, stride)).sum(-2)
+    out = chunks[..., :n, :].clone()
+    for i in range(1, m):
+        out += chunks[..., i: i + n, :]
+    return out / kernel
+
+
+def block_scores(q, c1, c2, q_pos, cfg: SparseConfig, n_blocks: int) -> torch.Tensor:
+    """Stage 1. q (N, G, T, D); c1 (N, N1, D); c2 (N, N2, D); q_pos (N, T) -> block scores (N, T, n_blocks)."""
+    n, g, t, d = q.shape
+    qs = (q.float() * d**-0.5).reshape(n, g * t, d)
+    pos1 = q_pos[:, None, :, None] + 1  # (N, 1, T, 1)
+
+    def logits(c, kernel, stride):  # (N, G, T, Nc); only the columns some query cannot see need a mask
+        s = torch.bmm(qs, c.float().transpose(1, 2)).view(n, g, t, -1)
+        lo = num_compressed(int(q_pos.min()) + 1, kernel, stride)
+        if lo < s.shape[-1]:
+            seen = torch.arange(lo, s.shape[-1], device=q.device) * stride + kernel <= pos1
+            s[..., lo:].masked_fill_(~seen, NEG)
+        return s
+
+    lse2 = logits(c2, cfg.kernel_size2, cfg.kernel_stride2).logsumexp(-1, keepdim=True)
+    # no coarse key visible yet: score 0 (reference.py docstring), via exp(x - inf)
+    lse2.masked_fill_(torch.isinf(lse2), float("inf"))
+    p = logits(c1, cfg.kernel_size, cfg.kernel_stride).sub_(lse2).exp_().sum(1)  # (N, T, N1)
+    return pool_blocks(p, cfg, n_blocks)
+
+
+def pool_blocks(p, cfg: SparseConfig, n_blocks: int) -> torch.Tensor:
+    """Compressed-key scores (..., N1) -> block scores (..., n_blocks): max over the windows overlapping a block.
+
+    Window j overlaps block b iff b*P - m < j < (b+1)*P (P = block/stride, m = kernel/stride): a max-pool
+    of width P + m - 1 and stride P over the scores left-padded by m - 1 zeros (scores are >= 0). With
+    MiniCPM4's 32/16/64 this is the official max_pool1d(kernel 5, stride 4, padding 1).
+    """
+    per, m = cfg.block_size // cfg.kernel_stride, cfg.kernel_size // cfg.kernel_stride
+    p = F.pad(p, (m - 1, n_blocks * per - p.shape[-1]))
+    return p.unfold(-1, per + m - 1, per).amax(-1)
+
+
+def select_blocks(scores, q_pos, cfg: SparseConfig) -> torch.Tensor:
+    """Top-k blocks (N, T, K), sorted, -1 = unused; sink and local blocks forced, future blocks excluded."""
+    qb = (q_pos // cfg.block_size)[..., None]  # (N, T, 1)
+    b = torch.arange(scores.shape[-1], device=scores.device)
+    forced = (b < cfg.init_blocks) | ((b >= qb - cfg.local_blocks) & (b <= qb))
+    s = scores.masked_fill(forced, float("inf")).masked_fill_(b > qb, NEG)
+    # Ties go to the lower block (as in reference.py): top-k over an int64 key, the float's bits (they
+    # order like the floats for s >= 0, and -inf sorts below) above the reversed block index.
+    key = (s.view(torch.int32).long() << 32) | (s.shape[-1] - 1 - b)
+    idx = key.topk(min(cfg.topk_eff, s.shape[-1]), dim=-1).indices
+    return torch.where(idx > qb, -1, idx).sort(-1).values
+
+
+def _attend(q, k, v, bias, grad: bool):
+    """Attention with its LSE. q (Z, H, L, D); k, v (Z, 1 or H, S, D); bias broadcastable to (Z, H, L, S)."""
+    scale = q.shape[-1] ** -0.5
+    if not grad:
+        h = q.shape[1]
+        k, v = k.expand(-1, h, -1, -1), v.expand(-1, h, -1, -1)
+        if bias is not None:
+            bias = bias.expand(-1, h, -1, -1)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
+                                                                               scale=scale)
+        return out, lse
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias
+    m = s.amax(-1, keepdim=True).detach().clamp(min=-1e30)  # a fully masked row stays finite
+    p = torch.exp(s - m)
+    den = p.sum(-1, keepdim=True)
+    return torch.matmul(p, v) / den.clamp(min=1e-30), (m + den.log()).squeeze(-1)
+
+
+def _band(q, k, v, q_pos, cfg: SparseConfig, key_valid, grad):
+    """Sink + local blocks, as attention over one contiguous key slice. q (N, G, C, D) -> (N,G,C,D), (N,G,C)."""
+    bs, dev = cfg.block_size, q.device
+    qb = q_pos // bs  # (N, C)
+    lo = max(0, (int(qb.min()) - cfg.local_blocks) * bs)
+    hi = int(q_pos.max()) + 1
+    sink = min(cfg.init_blocks * bs, lo)
+    if sink:
+        kpos = torch.cat([torch.arange(sink, device=dev), torch.arange(lo, hi, device=dev)])
+        kk, vv = k.index_select(1, kpos), v.index_select(1, kpos)
+    else:
+        kpos = torch.arange(lo, hi, device=dev)
+        kk, vv = k[:, lo:hi], v[:, lo:hi]  # (N, Lk, D) views, no copy
+    kb = kpos // bs
+    ok = (kpos <= q_pos[..., None]) & ((kb >= qb[..., None] - cfg.local_blocks) | (kb < cfg.init_blocks))
+    if key_valid is not None:
+        ok &= key_valid[:, kpos][:, None]
+    bias = torch.zeros(ok.shape, dtype=q.dtype, device=dev).masked_fill_(~ok, NEG)[:, None]  # (N, 1, C, Lk)
+    return _attend(q, kk[:, None], vv[:, None], bias, grad)
+
+
+def _pair_tiles(idx, q_pos, cfg: SparseConfig, n_blocks: int):
+    """Group the (query, far block) pairs by (row, block) into tiles of PAIR_TILE queries.
+
+    idx (N, C, K). Returns rows (tiles, PAIR_TILE) flat query indices n*C + t (N*C = padding) and
+    tile_seg (tiles,) = n * n_blocks + block. Far blocks are the selected ones outside the sink and
+    the local window: wholly in the past, so no causal mask is needed inside a tile.
+    """
+    n, c, _ = idx.shape
+    dev = idx.device
+    qb = (q_pos // cfg.block_size)[..., None]
+    far = (idx >= cfg.init_blocks) & (idx < qb - cfg.local_blocks)  # excludes -1
+    ni, ti, ri = far.nonzero(as_tuple=True)
+    seg, order = (ni * n_blocks + idx[ni, ti, ri]).sort(stable=True)
+    qrow = (ni * c + ti)[order]
+    counts = torch.bincount(seg, minlength=n * n_blocks)
+    tiles_per = (counts + PAIR_TILE - 1) // PAIR_TILE
+    rank = torch.arange(seg.numel(), device=dev) - (counts.cumsum(0) - counts)[seg]
+    tile = (tiles_per.cumsum(0) - tiles_per)[seg] + rank // PAIR_TILE
+    n_tiles = int(tiles_per.sum())
+    rows = torch.full((n_tiles, PAIR_TILE), n * c, dtype=torch.long, device=dev)
+    rows[tile, rank % PAIR_TILE] = qrow
+    tile_seg = torch.zeros(n_tiles, dtype=torch.long, device=dev).index_put_((tile,), seg)
+    return rows, tile_seg
+
+
+def _gather_blocks(k, row, start, bs):
+    """Blocks of bs keys from k (N, S, D): rows `row`, first tokens `start` (1-D) -> (len, bs, D).
+
+    k may be a view into a bigger buffer (a KV cache's used prefix): an overlapping view
+    "row r = the bs keys from element r*D on" over k's storage gathers whole blocks with one
+    index_select and no copy of k. A block may run past S (the partial last block): the caller masks it.
+    """
+    n, s, d = k.shape
+    first = row * (k.stride(0) // d) + start
+    avail = k.untyped_storage().nbytes() // k.element_size() - k.storage_offset()
+    n_rows = (avail - bs * d) // d + 1
+    if k.stride(2) == 1 and k.stride(1) == d and k.stride(0) % d == 0 and int(first.max()) < n_rows:
+        return k.as_strided((n_rows, bs * d), (d, 1)).index_select(0, first).view(-1, bs, d)
+    tok = (start[:, None] + torch.arange(bs, device=k.device)).clamp(max=s - 1)
+    return k[row[:, None], tok]
+
+
+def _remote(q, k, v, q_pos, idx, cfg: SparseConfig, key_valid, grad, o_band, lse_band):
+    """Add the far top-k blocks to the band's result, tile by tile. q (N, G, C, D) -> (N, G, C, D)."""
+    n, g, c, d = q.shape
+    s, bs, dev = k.shape[1], cfg.block_size, q.device
+    n_blocks = -(-s // bs)
+    rows, tile_seg = _pair_tiles(idx, q_pos, cfg, n_blocks)
+    if rows.shape[0] == 0:
+        return o_band
+    qf = torch.cat([q.permute(0, 2, 1, 3).reshape(n * c, g * d), q.new_zeros(1, g * d)])  # (N*C + 1, G*D)
+    # dest[tile, p*G + h]: the (query, head) row a tile row adds to; padding rows land past n*c*g
+    dest = rows[..., None] * g + torch.arange(g, device=dev)
+    valid = None if key_valid is None else torch.cat([key_valid, key_valid.new_zeros(n, -s % bs)], 1).view(n, -1, bs)
+    if grad:  # exact per-row softmax merge, differentiable
+        qt = qf[rows].view(-1, 1, PAIR_TILE * g, d)
+        row, start = tile_seg // n_blocks, tile_seg % n_blocks * bs
+        kt, vt = _gather_blocks(k, row, start, bs)[:, None], _gather_blocks(v, row, start, bs)[:, None]
+        bias = None
+        if valid is not None:
+            ok = valid[tile_seg // n_blocks, tile_seg % n_blocks]  # (tiles, bs)
+            bias = torch.zeros(ok.shape, dtype=q.dtype, device=dev).masked_fill_(~ok, NEG)[:, None, None]
+        o, lse = _attend(qt, kt, vt, bias, True)
+        dest, o, lse = dest.reshape(-1), o.reshape(-1, d), lse.reshape(-1)
+        lb = lse_band.transpose(1, 2).reshape(-1)
+        m = torch.cat([lb, lb.new_full((g,), NEG)]).detach().scatter_reduce(0, dest, lse.detach(), "amax")
+        w = torch.exp(lse - m[dest])
+        w0 = torch.exp(torch.cat([lb, lb.new_full((g,), NEG)]) - m)
+        den = w0.index_add(0, dest, w)
+        ob = torch.cat([o_band.transpose(1, 2).reshape(-1, d), o_band.new_zeros(g, d)])
+        num = (ob * w0[:, None]).index_add(0, dest, w[:, None] * o)
+        out = num / den[:, None]
+        return out[: n * c * g].view(n, c, g, d).transpose(1, 2)
+    # Inference: exp relative to the band's LSE (a per-row constant), so the tiles' partial sums add
+    # straight into the band's (o = 1 * o_band + sum p@v, den = 1 + sum p). A tile whose logits exceed
+    # that reference by > 80 would overflow: it is redone with its own row max (never seen in practice).
+    ref = torch.cat([lse_band.transpose(1, 2).reshape(-1), lse_band.new_zeros(g)])  # (N*C*G + G,)
+    num = torch.cat([o_band.transpose(1, 2).reshape(-1, d), o_band.new_zeros(g, d)])
+    den = torch.ones_like(ref)
+    for t0 in range(0, rows.shape[0], TILE_BATCH):
+        r, ts, de = rows[t0: t0 + TILE_BATCH], tile_seg[t0: t0 + TILE_BATCH], dest[t0: t0 + TILE_BATCH].reshape(-1)
+        qt = qf.index_select(0, r.reshape(-1)).view(-1, PAIR_TILE * g, d)
+        row, start = ts // n_blocks, ts % n_blocks * bs
+        kt, vt = _gather_blocks(k, row, start, bs), _gather_blocks(v, row, start, bs)
+        bias = None
+        if valid is not None:
+            ok = valid[ts // n_blocks, ts % n_blocks]  # (tiles, bs)
+            bias = torch.zeros(ok.shape, dtype=q.dtype, device=dev).masked_fill_(~ok, NEG)[:, None, None]
+        o, lse = _attend(qt[:, None], kt[:, None], vt[:, None], bias, False)  # (tiles, 1, PT*G, D), (tiles, 1, PT*G)
+        w = lse.view(-1).sub_(ref.index_select(0, de)).exp_()  # weight vs the band's LSE; a fully masked row -> 0
+        if not bool(torch.isfinite(w).all()):
+            return _remote(q, k, v, q_pos, idx, cfg, key_valid, True, o_band, lse_band)
+        num.index_add_(0, de, o.view(-1, d).mul_(w[:, None]).nan_to_num_())
+        den.index_add_(0, de, w)
+    out = num[: n * c * g] / den[: n * c * g, None]
+    return out.view(n, c, g, d).transpose(1, 2)
+
+
+def _decode(q, k, v, q_pos, idx, cfg: SparseConfig, key_valid, grad):
+    """One query per row: gather the selected blocks of each row. q (N, G, 1, D); idx (N, 1, K)."""
+    n, g, _, d = q.shape
+    s, bs, dev = k.shape[1], cfg.block_size, q.device
+    kk = idx[:, 0]  # (N, K)
+    tok = (kk.clamp(min=0) * bs)[..., None] + torch.arange(bs, device=dev)  # (N, K, bs)
+    ok = (kk[..., None] >= 0) & (tok <= q_pos[:, :1, None])
+    past = tok >= s  # the partial last block reads past the keys: zero those values (0 * NaN is NaN)
+    tok = tok.clamp(max=s - 1)
+    row = torch.arange(n, device=dev).repeat_interleave(kk.shape[1])
+    kg = _gather_blocks(k, row, (kk.clamp(min=0) * bs).reshape(-1), bs).view(n, -1, d)
+    vg = _gather_blocks(v, row, (kk.clamp(min=0) * bs).reshape(-1), bs).view(n, -1, d)
+    if bool(past.any()):
+        vg = vg.masked_fill(past.view(n, -1, 1), 0.0)
+    if key_valid is not None:
+        ok &= key_valid.gather(1, tok.reshape(n, -1)).reshape(ok.shape)
+    # one query row per head: two small matmuls beat the flash kernel, which parallelises over rows
+    att = torch.bmm(q.reshape(n, g, d), kg.transpose(1, 2)) * d**-0.5  # (N, G, K*bs)
+    att = att.masked_fill_(~ok.view(n, 1, -1), NEG).softmax(-1)
+    return torch.bmm(att, vg).view(n, g, 1, d)
+
+
+def infllmv2_cpu(q, k, v, q_pos, cfg: SparseConfig, *, c1=None, c2=None, q_score=None, k_score=None,
+                 key_valid=None) -> torch.Tensor:
+    """InfLLM v2 attention, batched. q (B, Hq, T, D); k, v (B, Hkv, S, D); q_pos (B, T) absolute positions.
+
+    Key slot s holds position s. `c1`/`c2` (B, Hkv, N, D) are compressed score keys already computed
+    (the KV cache keeps them); else they are computed from `k_score` (or `k`). `key_valid` (B, S) masks
+    unwritten cache slots. Returns (B, Hq, T, D) in q's dtype.
+    """
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    g, n = hq // hkv, b * hkv
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    dt = q.dtype
+    if not grad:  # the flash kernel wants one dtype; bf16 on CPU runs in float32 here
+        q, k, v = q.float(), k.float(), v.float()
+    qs = (q if q_score is None else q_score).reshape(n, g, t, d)
+    if c1 is None or c2 is None:
+        ks = (k if k_score is None else k_score).reshape(n, s, d)
+        c1 = compress(ks, cfg.kernel_size, cfg.kernel_stride)
+        c2 = compress(ks, cfg.kernel_size2, cfg.kernel_stride2)
+    c1, c2 = c1.reshape(n, -1, d), c2.reshape(n, -1, d)
+    q = q.reshape(n, g, t, d)
+    k, v = k.reshape(n, s, d), v.reshape(n, s, d)  # views for a KV cache's (B, Hkv, used, D) prefix
+    pos = q_pos.repeat_interleave(hkv, 0)  # (N, T)
+    # slots past the last query are never attended, so only the written prefix matters
+    valid = key_valid
+    if valid is not None and bool(valid[:, : int(q_pos.max()) + 1].all()):
+        valid = None
+    if valid is not None:
+        valid = valid.repeat_interleave(hkv, 0)
+    sub = max(1, SCORE_BUDGET // max(1, n * g * c1.shape[1]))
+    outs = []
+    for c0 in range(0, t, CHUNK):
+        qc, pc, qsc = q[:, :, c0: c0 + CHUNK], pos[:, c0: c0 + CHUNK], qs[:, :, c0: c0 + CHUNK]
+        with torch.no_grad():
+            nb = -(-(int(pc.max()) + 1) // cfg.block_size)  # one width for the chunk's sub-chunks
+            idx = torch.cat([_select(qsc[:, :, i: i + sub].detach(), c1, c2, pc[:, i: i + sub], cfg, nb)
+                             for i in range(0, qc.shape[2], sub)], 1)
+        if t == 1:
+            outs.append(_decode(qc, k, v, pc, idx, cfg, valid, grad))
+            continue
+        band = [_band(qc[:, :, i: i + BAND], k, v, pc[:, i: i + BAND], cfg, valid, grad)
+                for i in range(0, qc.shape[2], BAND)]
+        o_band, lse_band = torch.cat([o for o, _ in band], 2), torch.cat([lse for _, lse in band], 2)
+        outs.append(_remote(qc, k, v, pc, idx, cfg, valid, grad, o_band, lse_band))
+    return torch.cat(outs, 2).reshape(b, hq, t, d).to(dt)
+
+
+def _select(q, c1, c2, q_pos, cfg: SparseConfig, n_blocks: int):
+    top = int(q_pos.max()) + 1  # compressed keys past the last query's view are never needed
+    n1 = num_compressed(top, cfg.kernel_size, cfg.kernel_stride)
+    n2 = num_compressed(top, cfg.kernel_size2, cfg.kernel_stride2)
+    scores = block_scores(q, c1[:, :n1], c2[:, :n2], q_pos, cfg, n_blocks)
+    return select_blocks(scores, q_pos, cfg)

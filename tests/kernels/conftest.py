@@ -1,0 +1,19 @@
+"""Kernel tests: without a GPU, Triton kernels run in its interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before `triton` is imported (the `@triton.jit` decorator reads it).
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CPMTOOL_HOME", str(tmp_path / "home"))
