@@ -2,9 +2,9 @@
 
     rollout(["tasks.jsonl"], "-", model="cpm-tiny", n=8, reward="math", vote=True)
 
-Input: prompt records with `messages` (rendered by the tokenizer's chat template) or a plain
-`prompt` (sent as is, or as one user turn with `chat=True`). Output: one sample record per
-completion, in the order groups finish: the prompt record's fields plus
+Input: prompt records with `messages` (rendered by the tokenizer's chat template; used when a
+record has both) or a plain `prompt` (sent as is, or as one user turn with `chat=True`).
+Output: one sample record per completion, in the order groups finish: the prompt record's fields plus
 
     id             "<group>-<sample>"  (the prompt's id is kept in `group`)
     completion     the generated text (special tokens and a stop string left out)
