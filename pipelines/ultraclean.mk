@@ -2,17 +2,17 @@
 # train the quality classifier, verify the cleaned data by short annealing, compare with datatrove.
 #
 #   make -f pipelines/ultraclean.mk all        # clean + sharded dedup + classifier + verify
-#   make -f pipelines/ultraclean.mk verify     # efficient verification only (a few minutes on 2 cores)
+#   make -f pipelines/ultraclean.mk verify     # efficient verification only (~15 min on a busy 2-core box)
 #   make -f pipelines/ultraclean.mk bench      # cpmtool vs datatrove, same rules, same documents
 #
 # Efficient verification (cpmtool clean verify; method in cpmtool/data/clean/verify.py): a
 # byte-level model of the cpm-tiny family is trained on the baseline mix (the raw documents)
-# through warmup and the stable phase, then annealed twice from that state: on the baseline mix
-# alone, and with SHARE of each batch from the candidate. The report gives held-out bits per
-# byte on a reference set of good text (Alpaca-GPT4 answers here) for both; delta_bpb > 0 means
-# the candidate helps. `verify-rejects` runs the same with the rejected documents as the
-# candidate: a negative control, which should help less (smaller or negative delta).
-# SEEDS=3 repeats each with other seeds, so the delta can be read against the noise.
+# through warmup and the stable phase, then annealed from that state on the baseline mix alone
+# and once per candidate with SHARE of each batch from it. The report gives held-out bits per
+# byte on a reference set of good text (Alpaca-GPT4 answers here) for each; delta_bpb > 0 means
+# the candidate helps. The candidates are the cleaned documents and, as a negative control, the
+# rejected ones, which should help less (smaller or negative delta). One reference model serves
+# both. SEEDS=3 repeats everything with other seeds, so the deltas can be read against the noise.
 
 PYTHON   ?= .venv/bin/python
 CPMTOOL  ?= $(PYTHON) -m cpmtool
@@ -26,9 +26,9 @@ SEEDS    ?= 1
 THREADS  ?= 1
 SHARDS   ?= 2
 
-.PHONY: all clean-data sharded classifier scored verify verify-rejects bench
+.PHONY: all clean-data sharded classifier scored verify bench
 
-all: clean-data sharded classifier scored verify verify-rejects
+all: clean-data sharded classifier scored verify
 
 # 1. the rule pipeline: kept documents, rejects with <stage>:<rule>, stats per stage and rule
 $(OUT)/clean.jsonl: $(RAW)
@@ -61,12 +61,10 @@ $(OUT)/refset.jsonl: $(REFSET)
 	@mkdir -p $(OUT)
 	$(PYTHON) -c "import json,sys; [print(json.dumps({'text': json.loads(l)['output']})) for l in open(sys.argv[1])]" \
 	  $(REFSET) > $@
-VERIFY = $(CPMTOOL) clean verify --baseline $(RAW) --eval $(OUT)/refset.jsonl --share $(SHARE) \
-	  --pretrain-steps $(PRETRAIN) --anneal-steps $(ANNEAL) --seeds $(SEEDS) --threads $(THREADS)
 verify: $(OUT)/clean.jsonl $(OUT)/refset.jsonl
-	$(VERIFY) --candidate $(OUT)/clean.jsonl | tee $(OUT)/verify.json
-verify-rejects: $(OUT)/clean.jsonl $(OUT)/refset.jsonl
-	$(VERIFY) --candidate $(OUT)/rejects.jsonl | tee $(OUT)/verify-rejects.json
+	$(CPMTOOL) clean verify --candidate $(OUT)/clean.jsonl --candidate $(OUT)/rejects.jsonl --baseline $(RAW) \
+	  --eval $(OUT)/refset.jsonl --share $(SHARE) --pretrain-steps $(PRETRAIN) --anneal-steps $(ANNEAL) \
+	  --seeds $(SEEDS) --threads $(THREADS) | tee $(OUT)/verify.json
 
 # 5. the rule set in datatrove and in cpmtool (needs: pip install 'cpmtool[datatrove]')
 bench:

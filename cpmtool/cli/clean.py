@@ -173,7 +173,9 @@ def apply_cmd(
 
 @app.command("verify")
 def verify_cmd(
-    candidate: str = typer.Option(..., "--candidate", help="Documents to judge (e.g. cleaned output)."),
+    candidate: list[str] = typer.Option(
+        ..., "--candidate", help="Documents to judge (e.g. cleaned output); repeat to judge several at once."
+    ),
     baseline: str = typer.Option(..., "--baseline", help="The default mix: pre-training and both anneals."),
     eval_set: str = typer.Option(
         ..., "--eval", help="Held-out documents of the kind the model should learn."
@@ -189,11 +191,11 @@ def verify_cmd(
     """UltraClean efficient verification: anneal a small cpm-tiny-family model on the candidate data.
 
     Trains a byte-level MiniCPM-architecture reference model on the baseline mix (warmup + stable
-    phase), then anneals it twice (baseline only; baseline with --share from the candidate) and
-    prints a JSON report on stdout: held-out bits per byte of each, delta_bpb (baseline -
-    candidate; positive means the candidate helps) and helps.
+    phase), then anneals it on the baseline alone and once per candidate (baseline with --share
+    from the candidate) and prints a JSON report on stdout: held-out bits per byte of each,
+    delta_bpb (baseline - candidate; positive means the candidate helps) and helps.
 
-    Example: cpmtool clean verify --candidate clean.jsonl --baseline raw.jsonl --eval heldout.jsonl
+    Example: cpmtool clean verify --candidate clean.jsonl --candidate rejects.jsonl --baseline raw.jsonl --eval ref.jsonl
     """
     import orjson
 

@@ -9,8 +9,8 @@ replaced by the candidate corpus, and compare the two models. Here:
 1. Reference: a byte-level model of the cpm-tiny family (MiniCPM architecture with μP:
    scale_emb, scale_depth, dim_model_base; GQA; tied embeddings; cpm-tiny's init and its WSD
    learning rate) trained on the baseline mix through warmup and the stable phase only.
-2. Two anneals from that same state, same steps, same batch positions, same decaying learning
-   rate: `baseline` (baseline mix only) and `candidate` (`share` of every batch from the candidate).
+2. Anneals from that same state, same steps, same batch positions, same decaying learning
+   rate: `baseline` (baseline mix only) and one per candidate (`share` of every batch from it).
 3. Score: mean loss on held-out text in bits per byte; `delta_bpb = baseline - candidate`
    (positive: the candidate data helps), `helps = delta_bpb > min_delta`.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -198,24 +199,28 @@ def _bits_per_byte(model, stream, cfg) -> float:
 
 
 def verify(
-    candidate: str | Path,
+    candidates: str | Path | Sequence[str | Path],
     baseline: str | Path,
     eval_set: str | Path,
     cfg: VerifyConfig | None = None,
     log=None,
 ) -> dict:
-    """Anneal twice from one reference model and compare held-out bits per byte.
+    """Anneal from one reference model on the baseline and on each candidate; compare held-out loss.
+
+    Several candidates share the reference model and the baseline anneal, so judging k corpora
+    costs one pre-training and k + 1 anneals.
 
     Args:
-        candidate: JSONL documents whose value is in question (e.g. `cpmtool clean` output).
-        baseline: JSONL documents of the default mix (pre-training and both anneals).
+        candidates: JSONL file(s) of documents whose value is in question (e.g. `cpmtool clean` output).
+        baseline: JSONL documents of the default mix (pre-training and every anneal).
         eval_set: JSONL held-out documents of the kind the model should learn.
         cfg: sizes, steps and the candidate share.
         log: optional callable receiving progress dicts (the library never prints).
 
     Returns:
-        {"reference_bpb", "baseline_bpb", "candidate_bpb", "delta_bpb", "helps", "runs": [...],
-         "config", "seconds"}; per-seed numbers in "runs", means at the top.
+        {"reference_bpb", "baseline_bpb", "candidates": [{"candidate", "candidate_bpb", "delta_bpb",
+        "helps"}], "runs", "config", "seconds"}; with one candidate also its "candidate_bpb",
+        "delta_bpb", "helps" at the top. Means over seeds; per-seed numbers in "runs".
 
     Raises:
         InputError: a corpus without text, or one shorter than a training window.
@@ -226,45 +231,52 @@ def verify(
 
     cfg = cfg or VerifyConfig()
     log = log or (lambda d: None)
+    paths = [candidates] if isinstance(candidates, (str, Path)) else list(candidates)
     t0 = time.time()
     torch.set_num_threads(cfg.threads)
-    streams = [_byte_stream(_texts(baseline, "--baseline")), _byte_stream(_texts(candidate, "--candidate"))]
+    streams = [_byte_stream(_texts(baseline, "--baseline"))]
+    streams += [_byte_stream(_texts(p, "--candidate")) for p in paths]
     held = _byte_stream(_texts(eval_set, "--eval"))
-    for s, what in zip(streams, ("--baseline", "--candidate"), strict=True):
+    for s, what in zip(streams, ["--baseline", *map(str, paths)], strict=True):
         if len(s) <= cfg.seq_len + 1:
             raise InputError(f"{what}: fewer bytes than one training window ({cfg.seq_len + 1})")
+    k = len(streams)
     runs = []
     for seed in range(cfg.seeds):
+
+        def say(d, seed=seed):
+            log({"seed": seed, **d, "elapsed_s": round(time.time() - t0, 1)})
+
         model = _model(cfg, seed)
         opt = _optimizer(model, cfg.lr)
         gen = torch.Generator().manual_seed(1000 + seed)
         warm = max(1, cfg.pretrain_steps // 20)
+        only_base = [1.0] + [0.0] * (k - 1)
         _train(
             model,
             opt,
             streams,
-            [1.0, 0.0],
+            only_base,
             cfg.pretrain_steps,
             cfg,
             gen,
             lambda s, warm=warm: min(1.0, (s + 1) / warm),
+            lambda d: say({"phase": "pretrain", **d}),
         )
-        ref_bpb = _bits_per_byte(model, held, cfg)
-        log(
-            {
-                "seed": seed,
-                "phase": "reference",
-                "bpb": round(ref_bpb, 4),
-                "elapsed_s": round(time.time() - t0, 1),
-            }
-        )
+        result = {"seed": seed, "reference_bpb": _bits_per_byte(model, held, cfg), "candidates": []}
+        say({"phase": "reference", "bpb": round(result["reference_bpb"], 4)})
         state = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
-        result = {"seed": seed, "reference_bpb": ref_bpb}
-        for name, mix in (("baseline", [1.0, 0.0]), ("candidate", [1.0 - cfg.share, cfg.share])):
+        for j in range(k):  # j = 0: the baseline anneal; j >= 1: candidate j
+            mix = (
+                only_base
+                if j == 0
+                else [1.0 - cfg.share if i == 0 else cfg.share if i == j else 0.0 for i in range(k)]
+            )
             model.load_state_dict(state[0])
             opt.load_state_dict(copy.deepcopy(state[1]))  # load_state_dict keeps the tensors it is given
-            same = torch.Generator().manual_seed(2000 + seed)  # the same batch positions in both anneals
+            same = torch.Generator().manual_seed(2000 + seed)  # the same batch positions in every anneal
             n = cfg.anneal_steps
+            name = "baseline" if j == 0 else f"candidate {j}"
             _train(
                 model,
                 opt,
@@ -274,28 +286,48 @@ def verify(
                 cfg,
                 same,
                 lambda s, n=n: wsd_lr(s, n, 0.0, 1.0),
-                lambda d, seed=seed, name=name: log({"seed": seed, "phase": name, **d}),
+                lambda d, name=name: say({"phase": name, **d}),
             )
-            result[f"{name}_bpb"] = _bits_per_byte(model, held, cfg)
-            log(
-                {
-                    "seed": seed,
-                    "phase": name,
-                    "bpb": round(result[f"{name}_bpb"], 4),
-                    "elapsed_s": round(time.time() - t0, 1),
-                }
-            )
-        result["delta_bpb"] = result["baseline_bpb"] - result["candidate_bpb"]
-        runs.append({k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()})
-    mean = {
-        k: round(sum(r[k] for r in runs) / len(runs), 5)
-        for k in ("reference_bpb", "baseline_bpb", "candidate_bpb", "delta_bpb")
+            bpb = _bits_per_byte(model, held, cfg)
+            say({"phase": name, "bpb": round(bpb, 4)})
+            if j == 0:
+                result["baseline_bpb"] = bpb
+            else:
+                result["candidates"].append(
+                    {"candidate_bpb": round(bpb, 5), "delta_bpb": round(result["baseline_bpb"] - bpb, 5)}
+                )
+        result["reference_bpb"] = round(result["reference_bpb"], 5)
+        result["baseline_bpb"] = round(result["baseline_bpb"], 5)
+        runs.append(result)
+
+    def mean(values):
+        return round(sum(values) / len(values), 5)
+
+    summary = []
+    for j, p in enumerate(paths):
+        delta = mean([r["candidates"][j]["delta_bpb"] for r in runs])
+        summary.append(
+            {
+                "candidate": str(p),
+                "candidate_bpb": mean([r["candidates"][j]["candidate_bpb"] for r in runs]),
+                "delta_bpb": delta,
+                "helps": delta > cfg.min_delta,
+            }
+        )
+    report = {
+        "reference_bpb": mean([r["reference_bpb"] for r in runs]),
+        "baseline_bpb": mean([r["baseline_bpb"] for r in runs]),
+        "candidates": summary,
     }
-    return {
-        **mean,
-        "helps": mean["delta_bpb"] > cfg.min_delta,
-        "runs": runs,
-        "config": asdict(cfg),
-        "inputs": {"candidate": str(candidate), "baseline": str(baseline), "eval": str(eval_set)},
-        "seconds": round(time.time() - t0, 1),
-    }
+    if len(summary) == 1:
+        report.update({k: summary[0][k] for k in ("candidate_bpb", "delta_bpb", "helps")})
+    report.update(
+        {
+            "runs": runs,
+            "config": asdict(cfg),
+            "baseline": str(baseline),
+            "eval": str(eval_set),
+            "seconds": round(time.time() - t0, 1),
+        }
+    )
+    return report

@@ -37,10 +37,10 @@ def test_verify_reports_both_anneals_from_one_reference(tmp_path):
     assert 0 < r1["candidate_bpb"] < 12 and r1["delta_bpb"] == pytest.approx(
         r1["baseline_bpb"] - r1["candidate_bpb"], abs=1e-4
     )
-    # with no candidate share the two anneals are the same run: same start, same batches
-
-    same = verify(cand, base, held, VerifyConfig(**{**TINY, "share": 0.0}))
-    assert same["delta_bpb"] == 0.0 and same["helps"] is False
+    # with no candidate share every anneal is the baseline's: same start, same batches
+    same = verify([cand, base], base, held, VerifyConfig(**{**TINY, "share": 0.0}))
+    assert [c["delta_bpb"] for c in same["candidates"]] == [0.0, 0.0] and "delta_bpb" not in same
+    assert same["reference_bpb"] == r1["reference_bpb"] and same["baseline_bpb"] == r1["baseline_bpb"]
 
 
 def test_verify_needs_text(tmp_path):
