@@ -34,7 +34,7 @@ _COMMANDS: list[tuple[str, str | None, str]] = [
     ("synth-if", None, "Synthesise instruction-following data (UltraIF)."),
     ("annotate-pref", None, "Build preference pairs by point-wise judging (AIR)."),
     ("rollout", "rollout", "Sample completions, score them with verifiers or majority vote."),
-    ("train-rl", None, "RL on a policy: GRPO/DAPO, PRIME, NFT, LUFFY, TTRL, Clip-Cov/KL-Cov."),
+    ("train-rl", "train_rl", "RL on a policy: GRPO/DAPO, PRIME, NFT, LUFFY, TTRL, Clip-Cov/KL-Cov."),
     ("train-sft", None, "Supervised fine-tuning."),
     ("train-dpo", None, "Direct preference optimisation."),
     ("quantize-ternary", None, "Ternary QAT and 2-bit packing (BitCPM)."),
