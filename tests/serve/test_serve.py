@@ -323,3 +323,22 @@ def test_missing_model_is_a_one_line_error(tmp_path):
                        env={**__import__("os").environ, "CPMTOOL_HOME": str(tmp_path)})
     assert r.returncode == 2 and r.stderr.startswith("cpmtool serve: error:"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_smollm2_answers_a_chat_question():
+    """The default model behind the server gives a real answer through the official client."""
+    openai = pytest.importorskip("openai")
+    from cpmtool.errors import ModelError
+    from cpmtool.model.registry import resolve_model
+    from cpmtool.serve.process import launch_server
+
+    try:
+        resolve_model("smollm2-135m")
+    except ModelError as e:
+        pytest.skip(f"smollm2-135m is not pulled ({e})")
+    with launch_server("smollm2-135m", args=["--threads", "1", "--max-model-len", "512"], startup_timeout=600) as srv, \
+            openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=600) as c:
+        r = c.chat.completions.create(model="smollm2-135m", max_tokens=12, temperature=0,
+                                      messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in r.choices[0].message.content
