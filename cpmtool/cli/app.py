@@ -39,7 +39,7 @@ _COMMANDS: list[tuple[str, str | None, str]] = [
     ("train-dpo", None, "Direct preference optimisation."),
     ("quantize-ternary", None, "Ternary QAT and 2-bit packing (BitCPM)."),
     ("serve", "serve", "OpenAI-compatible HTTP server."),
-    ("bench", None, "One-command benchmarks: quality and speed."),
+    ("bench", "bench", "One-command benchmarks: quality and speed."),
 ]
 
 
