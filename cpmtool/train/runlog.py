@@ -15,7 +15,7 @@ from cpmtool.errors import InputError
 
 CURVE_KEYS = ("reward", "accuracy", "eval_accuracy", "entropy", "response_length", "clip_frac", "kl", "ppo_kl",
               "grad_norm", "cov_mean", "loss", "reward_accuracy", "label_accuracy", "prm_loss",
-              "reward_margin", "reward_accuracy_dpo")
+              "reward_margin", "pair_accuracy")
 
 
 class MetricsLog:

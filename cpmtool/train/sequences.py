@@ -92,3 +92,118 @@ def padded(values: list[list[float]], width: int | None = None) -> torch.Tensor:
     for i, v in enumerate(values):
         out[i, : len(v)] = torch.tensor(v[:width], dtype=torch.float32)
     return out
+
+
+# ---------------------------------------------------------------- SFT / DPO examples
+
+
+def _render(tokenizer, messages: list[dict], gen: bool) -> str:
+    from cpmtool.model.tokenizer import chat_prompt
+
+    return chat_prompt(tokenizer, messages, add_generation_prompt=gen) if messages else ""
+
+
+def chat_pieces(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+    """The chat-templated text of `messages` cut into (text, is_assistant_reply) pieces.
+
+    A reply piece is what the template adds for an assistant turn after the generation prompt
+    (its content and end-of-turn marker), so training on it teaches the model to end its turn.
+
+    Raises:
+        InputError: the template does not render prefixes consistently (cannot locate replies).
+    """
+    pieces, prev = [], ""
+    for i, msg in enumerate(messages):
+        if msg.get("role") != "assistant":
+            continue
+        head = _render(tokenizer, messages[:i], gen=True)
+        full = _render(tokenizer, messages[: i + 1], gen=False)
+        if not (head.startswith(prev) and full.startswith(head)):
+            raise InputError("chat_template_not_prefix_stable")
+        pieces += [(head[len(prev):], False), (full[len(head):], True)]
+        prev = full
+    return [(t, a) for t, a in pieces if t]
+
+
+def as_messages(record: dict, tokenizer) -> list[dict] | None:
+    """SFT record -> chat messages (messages, or prompt + completion as a user/assistant pair);
+    None for prompt + completion on a tokenizer without a chat template (trained as raw text)."""
+    msgs = record.get("messages")
+    if msgs is not None:
+        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                        and isinstance(m.get("role"), str) for m in msgs)):
+            raise InputError("bad_messages")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise InputError("no_assistant_turn")
+        return msgs
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise InputError("no_messages_or_prompt_completion")
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+
+
+def sft_example(tokenizer, record: dict, eos: int, max_len: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one SFT record; labels are -100 except on the assistant replies.
+
+    labels[t] is the target at position t (the next token), so they line up with the logits.
+
+    Raises:
+        InputError: a malformed record, or nothing left to learn after truncation to `max_len`.
+    """
+    msgs = as_messages(record, tokenizer)
+    if msgs is None:
+        pieces = [(record["prompt"], False), (record["completion"], True)]
+    else:
+        pieces = chat_pieces(tokenizer, msgs)
+    ids, learn = [], []
+    for text, reply in pieces:
+        toks = tokenizer.encode(text, add_special_tokens=False)
+        ids += toks
+        learn += [reply] * len(toks)
+    if msgs is None:
+        ids.append(eos)
+        learn.append(True)
+    ids, learn = ids[:max_len], learn[:max_len]
+    labels = [t if ok else -100 for t, ok in zip(ids[1:], learn[1:], strict=True)] + [-100]
+    if all(x == -100 for x in labels):
+        raise InputError("nothing_to_learn")
+    return ids, labels
+
+
+def preference_example(tokenizer, record: dict, eos: int, max_len: int) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, chosen reply ids, rejected reply ids) of a preference record.
+
+    The prompt is `messages` (or `prompt` as a user turn) through the chat template with the
+    generation prompt; a reply is what the template adds for the assistant turn (end marker
+    included). Without a chat template: raw prompt text and reply + EOS. Replies are truncated so
+    that prompt + reply fits `max_len`.
+    """
+    chosen, rejected = record.get("chosen"), record.get("rejected")
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        raise InputError("no_chosen_rejected")
+    msgs = record.get("messages")
+    if msgs is None:
+        if not isinstance(record.get("prompt"), str):
+            raise InputError("no_prompt")
+        msgs = [{"role": "user", "content": record["prompt"]}]
+    if getattr(tokenizer, "chat_template", None):
+        head = _render(tokenizer, msgs, gen=True)
+        p_ids = tokenizer.encode(head, add_special_tokens=False)
+
+        def reply(text: str) -> list[int]:
+            full = _render(tokenizer, [*msgs, {"role": "assistant", "content": text}], gen=False)
+            if not full.startswith(head):
+                raise InputError("chat_template_not_prefix_stable")
+            return tokenizer.encode(full[len(head):], add_special_tokens=False)
+    else:
+        p_ids = tokenizer.encode("\n".join(m["content"] for m in msgs), add_special_tokens=False)
+
+        def reply(text: str) -> list[int]:
+            return tokenizer.encode(text, add_special_tokens=False) + [eos]
+    room = max_len - len(p_ids)
+    if room < 1:
+        raise InputError("prompt_too_long")
+    c, r = reply(chosen)[:room], reply(rejected)[:room]
+    return p_ids, c, r
