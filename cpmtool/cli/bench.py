@@ -66,3 +66,79 @@ def attention_cmd(
               for r in rows]
     print(f"\nattention, {r0['device']} {r0['dtype']}, batch {r0['batch']}, {r0['heads']} query / "
           f"{r0['kv_heads']} KV heads x {r0['head_dim']}, {r0['threads']} threads\n" + _table(table), file=sys.stderr)
+
+
+@app.command("speed")
+def speed(
+    url: str = typer.Option(None, "--url", help="Base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000."),
+    launch: bool = typer.Option(False, "--launch", help="Start `cpmtool serve --model MODEL` for the run, stop it after."),
+    model: str = typer.Option(None, "--model", "-m",
+                              help="With --launch: the model to serve (default smollm2-135m). With --url: the model "
+                                   "id to request (default: the server's first)."),
+    serve_args: str = typer.Option("", "--serve-args", help="Extra `cpmtool serve` flags for --launch, e.g. "
+                                                            "'--max-batch 16 --threads 2'."),
+    chat: bool = typer.Option(False, "--chat", help="Use /v1/chat/completions (default: /v1/completions)."),
+    api_key: str = typer.Option(None, "--api-key", envvar="CPMTOOL_API_KEY", help="Bearer key for the server."),
+    num_prompts: int = typer.Option(64, "--num-prompts", "-n", min=1, help="Requests to send."),
+    concurrency: int = typer.Option(None, "--concurrency", "--max-concurrency", min=1,
+                                    help="Most requests in flight (closed loop; default: no limit)."),
+    request_rate: float = typer.Option(float("inf"), "--request-rate",
+                                       help="Mean arrivals per second (Poisson); inf sends all at once."),
+    burstiness: float = typer.Option(1.0, "--burstiness", help="Gamma shape of inter-arrival times (1: Poisson)."),
+    input_len: int = typer.Option(128, "--input-len", min=1, help="Prompt tokens (synthetic prompts)."),
+    output_len: int = typer.Option(64, "--output-len", min=1, help="max_tokens of each request."),
+    range_ratio: float = typer.Option(0.0, "--range-ratio", help="Lengths uniform in [L(1-r), L(1+r)]."),
+    dataset: str = typer.Option(None, "--dataset", help="JSONL of prompt records (`prompt` or `messages`) "
+                                                       "instead of synthetic prompts."),
+    tokenizer: str = typer.Option(None, "--tokenizer", help="Build synthetic prompts of exact token length with "
+                                                           "this model's tokenizer (default: ~1 token per word)."),
+    ignore_eos: bool = typer.Option(True, "--ignore-eos/--no-ignore-eos",
+                                    help="Ask for exactly max_tokens (vLLM's ignore_eos)."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="Sampling temperature sent."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the prompts, lengths and arrival times."),
+    num_warmups: int = typer.Option(0, "--num-warmups", min=0, help="Unmeasured requests sent first."),
+    percentiles: str = typer.Option("50,90,99", "--percentiles", "--metric-percentiles",
+                                    help="Percentiles to report, comma-separated."),
+    output: str = typer.Option(None, "--output", "-o", help="Also write the result record (JSON) to this file."),
+):
+    """Load-test an OpenAI-compatible server the way vLLM's benchmark_serving does: TTFT, TPOT, ITL,
+    end-to-end latency (mean, median, percentiles in ms), request and token throughput.
+
+    The summary table goes to stderr, the result record (JSON) to stdout.
+
+    Example: cpmtool bench speed --launch --model smollm2-135m --concurrency 16 --num-prompts 32
+             cpmtool bench speed --url http://127.0.0.1:8000 --request-rate 4 --chat | jq .p99_ttft_ms
+    """
+    import shlex
+
+    import orjson
+
+    from cpmtool.bench.speed import format_report, run_speed
+    from cpmtool.errors import ConfigError
+
+    try:
+        pcts = [float(p) for p in percentiles.split(",") if p.strip()]
+    except ValueError as e:
+        raise ConfigError(f"--percentiles: not a list of numbers: {percentiles!r}") from e
+    if launch and url:
+        raise ConfigError("give --url or --launch, not both")
+    if not launch and not url:
+        raise ConfigError("give --url URL of a running server, or --launch to start one")
+    progress = None
+    if sys.stderr.isatty():
+        def progress(done: int, total: int) -> None:
+            print(f"\r{done}/{total} requests", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    result = run_speed(
+        url, launch=(model or "smollm2-135m") if launch else None, launch_args=shlex.split(serve_args),
+        model=None if launch else model, chat=chat, api_key=api_key, num_prompts=num_prompts,
+        input_len=input_len, output_len=output_len, range_ratio=range_ratio, dataset=dataset, tokenizer=tokenizer,
+        request_rate=request_rate, burstiness=burstiness, max_concurrency=concurrency, ignore_eos=ignore_eos,
+        sampling={"temperature": temperature}, seed=seed, num_warmups=num_warmups, percentiles=pcts,
+        progress=progress)
+    print(format_report(result), file=sys.stderr)
+    line = orjson.dumps(result).decode()
+    if output:
+        with open(output, "w") as f:
+            f.write(line + "\n")
+    sys.stdout.write(line + "\n")

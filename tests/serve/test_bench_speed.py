@@ -48,3 +48,38 @@ def test_against_a_server(server):
 def test_failures_are_counted_not_raised(server):
     r = run_speed(server.url, api_key="wrong", model=server.model, num_prompts=3, input_len=4, output_len=2)
     assert r["completed"] == 0 and r["failed"] == 3 and "401" in r["errors"][0]
+
+
+def test_cli_against_a_url(server):
+    import subprocess
+    import sys
+
+    import orjson
+
+    r = subprocess.run([sys.executable, "-m", "cpmtool", "bench", "speed", "--url", server.url, "--api-key", server.key,
+                        "--num-prompts", "4", "--input-len", "8", "--output-len", "3", "--concurrency", "2",
+                        "--percentiles", "50,99"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1
+    res = orjson.loads(lines[0])
+    assert res["completed"] == 4 and res["total_output_tokens"] == 12 and res["p99_tpot_ms"] > 0
+    assert "Serving Benchmark Result" in r.stderr and "P99 TTFT (ms)" in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_launches_its_own_server(tiny_dir, tmp_path):
+    import subprocess
+    import sys
+
+    import orjson
+
+    out = tmp_path / "res.json"
+    r = subprocess.run([sys.executable, "-m", "cpmtool", "bench", "speed", "--launch", "--model", str(tiny_dir),
+                        "--serve-args", "--threads 1 --max-batch 4", "--num-prompts", "6", "--input-len", "8",
+                        "--output-len", "4", "-o", str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    res = orjson.loads(r.stdout)
+    assert res == orjson.loads(out.read_text())
+    assert res["completed"] == 6 and res["model"] == str(tiny_dir)
+    assert res["launched"] == {"model": str(tiny_dir), "args": ["--threads", "1", "--max-batch", "4"]}
