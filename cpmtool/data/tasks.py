@@ -36,43 +36,61 @@ def _digits(n: int) -> list[int]:
     return [int(c) for c in reversed(str(n))]  # least significant first
 
 
+def _columns(a: int, b: int, op: str) -> str:
+    """Column-wise working, least significant column first, one line per column.
+
+    Each line restates what is left of the operands (so the two digits to combine sit right
+    before the operator and the colon), the one-column fact, and the answer digits so far:
+
+        436+829: 6+9=15, 5
+        43+82+1: 3+2+1=6, 65
+        4+8: 4+8=12, 1265
+
+    Every step is a local copy or a table fact; no step has to count digits from afar. A borrowing
+    column of a subtraction is written `13-6=7 b1` (ten plus the digit, and the borrow).
+    """
+    lines, carry, done = [], 0, ""
+    i = 0
+    while True:
+        ra, rb = a // 10**i, (b if op == "*" else b // 10**i)
+        x, y = ra % 10, rb % 10
+        last = ra < 10 and (op == "*" or rb < 10)
+        c = f"{'-' if op == '-' else '+'}{carry}" if carry else ""
+        head = f"{ra}{op}{rb}{c}: "
+        if op == "+":
+            v = x + y + carry
+            fact, digit, carry = f"{x}+{y}{c}={v}", str(v if last else v % 10), v // 10
+        elif op == "-":
+            v = x - y - carry
+            if v < 0:
+                fact, digit, carry = f"1{x}-{y}{c}={v + 10} b1", str(v + 10), 1
+            else:
+                fact, digit, carry = f"{x}-{y}{c}={v}", str(v), 0
+        else:
+            v = x * b + carry
+            fact, digit, carry = f"{x}*{b}{c}={v}", str(v if last else v % 10), v // 10
+        done = digit + done
+        lines.append(f"{head}{fact}, {done}")
+        if last:
+            return "\n".join(lines)
+        i += 1
+
+
 def add_working(a: int, b: int) -> str:
-    """Column-wise addition, least significant column first: `7+9=16` then `4+8+1=13` ..."""
-    da, db = _digits(a), _digits(b)
-    lines, carry = [], 0
-    for i in range(max(len(da), len(db))):
-        x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
-        s = x + y + carry
-        lines.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={s}")
-        carry = s // 10
-    return "\n".join(lines)
+    """Column-wise addition with carries (see `_columns`)."""
+    return _columns(a, b, "+")
 
 
 def sub_working(a: int, b: int) -> str:
-    """Column-wise subtraction (a >= b); a borrowing column is written `12-7=5 b1` (10 + digit)."""
-    da, db = _digits(a), _digits(b)
-    lines, borrow = [], 0
-    for i in range(len(da)):
-        x, y = da[i], (db[i] if i < len(db) else 0)
-        d = x - y - borrow
-        head = f"{x}-{y}" + (f"-{borrow}" if borrow else "")
-        if d < 0:
-            lines.append(f"1{head}={d + 10} b1")
-            borrow = 1
-        else:
-            lines.append(f"{head}={d}")
-            borrow = 0
-    return "\n".join(lines)
+    """Column-wise subtraction with borrows, a >= b (see `_columns`)."""
+    if a < b:
+        raise ValueError("sub_working needs a >= b")
+    return _columns(a, b, "-")
 
 
 def mul1_working(a: int, d: int) -> str:
-    """Multiplication by one digit with carries: `7*8=56` then `4*8+5=37` ..."""
-    lines, carry = [], 0
-    for x in _digits(a):
-        p = x * d + carry
-        lines.append(f"{x}*{d}" + (f"+{carry}" if carry else "") + f"={p}")
-        carry = p // 10
-    return "\n".join(lines)
+    """Multiplication by one digit with carries (see `_columns`)."""
+    return _columns(a, d, "*")
 
 
 def mul_working(a: int, b: int) -> str:

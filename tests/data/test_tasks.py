@@ -64,17 +64,27 @@ def test_arithmetic_answers_and_working_are_correct():
         assert int(r["answer"]) == ops[op](a, b) >= 0
         assert tasks.extract_boxed(r["solution"]) == r["answer"]
         assert tasks.grade(r, r["solution"])
-        # every line of working `x+y(+c)=s`, `x*y(+c)=p`, `(1)x-y(-b)=d` is itself true
-        for line in r["solution"].splitlines()[:-1]:
-            lhs, rhs = line.split(" b1")[0].split("=")
+        # every line `rest: fact, digits so far` holds a true fact, and the last digits are the answer
+        work = r["solution"].splitlines()[:-1]
+        for line in work:
+            if op in "+-" or len(str(b)) == 1:
+                fact = line.split(": ")[1].split(", ")[0].split(" b1")[0]
+            else:
+                fact = line
+            lhs, rhs = fact.split("=")[-2:] if op in "+-" or len(str(b)) == 1 else fact.split("=")
             assert eval(lhs) == int(rhs), line  # noqa: S307 - digits and + - * only
+        if op in "+-" or len(str(b)) == 1:
+            assert int(work[-1].split(", ")[-1]) == int(r["answer"])
 
 
-def test_addition_trace_shows_carries():
-    assert tasks.add_working(347, 589) == "7+9=16\n4+8+1=13\n3+5+1=9"
-    assert tasks.sub_working(512, 347) == "12-7=5 b1\n11-4-1=6 b1\n5-3-1=1"
-    assert tasks.mul1_working(347, 8) == "7*8=56\n4*8+5=37\n3*8+3=27"
+def test_column_working_shows_carries_borrows_and_digits_so_far():
+    assert tasks.add_working(436, 829) == "436+829: 6+9=15, 5\n43+82+1: 3+2+1=6, 65\n4+8: 4+8=12, 1265"
+    assert tasks.sub_working(938, 364) == "938-364: 8-4=4, 4\n93-36: 13-6=7 b1, 74\n9-3-1: 9-3-1=5, 574"
+    assert tasks.sub_working(100, 99) == "100-99: 10-9=1 b1, 1\n10-9-1: 10-9-1=0 b1, 01\n1-0-1: 1-0-1=0, 001"
+    assert tasks.mul1_working(347, 8) == "347*8: 7*8=56, 6\n34*8+5: 4*8+5=37, 76\n3*8+3: 3*8+3=27, 2776"
     assert tasks.mul_working(47, 36) == "47*6=282\n47*30=1410\n282+1410=1692"
+    with pytest.raises(ValueError):
+        tasks.sub_working(3, 4)
 
 
 def test_countdown_answers_reach_the_target_with_the_given_numbers():
