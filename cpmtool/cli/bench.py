@@ -142,3 +142,26 @@ def speed(
         with open(output, "w") as f:
             f.write(line + "\n")
     sys.stdout.write(line + "\n")
+
+
+@app.command("clean")
+def clean_cmd(
+    files: list[str] = typer.Argument(..., help="JSONL documents with `text`."),
+    compare: str = typer.Option("datatrove", "--compare", help="The implementation to compare with."),
+    repeat: int = typer.Option(1, "--repeat", help="Runs per side; the median time is reported."),
+    limit: int = typer.Option(None, "--limit", help="Use only the first N documents."),
+):
+    """The same cleaning rules (Gopher repetition + quality, C4, FineWeb) in datatrove and in cpmtool
+    on the same documents: docs/s of each, the ratio (target >= 2x), keep/drop agreement (>= 99%).
+
+    The summary goes to stderr, the report (JSON) to stdout. Needs pip install 'cpmtool[datatrove]'.
+
+    Example: cpmtool bench clean --compare datatrove ../shared/data/web_docs_sample.jsonl
+    """
+    import orjson
+
+    from cpmtool.bench.clean import bench_clean, format_report
+
+    report = bench_clean(files, compare=compare, repeat=repeat, limit=limit)
+    print(format_report(report), file=sys.stderr)
+    sys.stdout.write(orjson.dumps(report).decode() + "\n")

@@ -209,26 +209,3 @@ def verify_cmd(
     )
     report = verify(candidate, baseline, eval_set, cfg, log=log)
     sys.stdout.write(orjson.dumps(report).decode() + "\n")
-
-
-@app.command("bench")
-def bench_cmd(
-    files: list[str] = typer.Argument(..., help="JSONL documents with `text`."),
-    compare: str = typer.Option("datatrove", "--compare", help="The implementation to compare with."),
-    repeat: int = typer.Option(1, "--repeat", help="Runs per side; the median time is reported."),
-    limit: int = typer.Option(None, "--limit", help="Use only the first N documents."),
-):
-    """The same rules in datatrove and in cpmtool on the same documents (also `cpmtool bench clean`).
-
-    Prints the JSON report on stdout and a summary on stderr: docs/s of each, the speed ratio
-    (target >= 2x) and keep/drop agreement (target >= 99%). Needs pip install 'cpmtool[datatrove]'.
-
-    Example: cpmtool clean bench --compare datatrove ../shared/data/web_docs_sample.jsonl
-    """
-    import orjson
-
-    from cpmtool.bench.clean import bench_clean, format_report
-
-    report = bench_clean(files, compare=compare, repeat=repeat, limit=limit)
-    print(format_report(report), file=sys.stderr)
-    sys.stdout.write(orjson.dumps(report).decode() + "\n")

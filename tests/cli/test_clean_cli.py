@@ -109,6 +109,17 @@ def test_errors_are_one_line(bad_input, tmp_path, capsys):
     assert code == 2 and "no such file" in err
 
 
+def test_bench_clean_is_registered(capsys):
+    from cpmtool.cli.app import main as cpmtool_main
+
+    with pytest.raises(SystemExit) as e:
+        cpmtool_main(["bench", "clean", "--compare", "nope", "x.jsonl"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [
+        "cpmtool bench: error: --compare 'nope': only datatrove is supported"
+    ]
+
+
 def test_help_and_stages(capsys):
     code, out, _ = main(capsys, "--help")
     assert code == 0 and "train-classifier" in out and "dedup-merge" in out
