@@ -36,12 +36,14 @@ $(OUT)/clean.jsonl: $(RAW)
 	$(CPMTOOL) clean $(RAW) -o $@ --rejects $(OUT)/rejects.jsonl --stats $(OUT)/stats.json
 clean-data: $(OUT)/clean.jsonl
 
-# 2. the same run as shards: pass 1 per shard, pass 2 once, pass 3 per shard (equals clean.jsonl)
+# 2. the same run as shards: the input cut into 4 files (sharding is by file), pass 1 per shard,
+#    pass 2 once, pass 3 per shard; the final shards hold exactly the documents of clean.jsonl
 sharded: $(RAW)
-	@mkdir -p $(OUT)/shards
+	@mkdir -p $(OUT)/shards/in
+	split -n l/4 -d --additional-suffix=.jsonl $(RAW) $(OUT)/shards/in/part-
 	for i in $$(seq 0 $$(($(SHARDS) - 1))); do \
-	  $(CPMTOOL) clean $(RAW) --shard $$i/$(SHARDS) --signatures $(OUT)/shards/sigs -o $(OUT)/shards/kept-$$i.jsonl \
-	    --rejects $(OUT)/shards/rejects-$$i.jsonl || exit 1; done
+	  $(CPMTOOL) clean $(OUT)/shards/in/part-*.jsonl --shard $$i/$(SHARDS) --signatures $(OUT)/shards/sigs \
+	    -o $(OUT)/shards/kept-$$i.jsonl --rejects $(OUT)/shards/rejects-$$i.jsonl || exit 1; done
 	$(CPMTOOL) clean dedup-merge $(OUT)/shards/sigs -o $(OUT)/shards/drops.jsonl --stats $(OUT)/shards/dedup.json
 	for i in $$(seq 0 $$(($(SHARDS) - 1))); do \
 	  $(CPMTOOL) clean dedup-apply $(OUT)/shards/kept-$$i.jsonl --drops $(OUT)/shards/drops.jsonl --shard $$i/$(SHARDS) \
