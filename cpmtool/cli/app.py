@@ -124,6 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         _quiet_broken_pipe()
         sys.exit(0)
+    except SystemExit as e:
+        # typer catches EPIPE itself, wraps stdout in PacifyFlushWrapper and exits 1; for a Unix
+        # filter a reader that stopped early (`| head`) is success
+        if type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            _quiet_broken_pipe()
+            sys.exit(0)
+        raise
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except TyperException as e:  # usage errors (typer vendors click's exceptions)

@@ -64,3 +64,12 @@ def test_show_completion():
     r = run("--show-completion", env={"SHELL": "/bin/bash", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0
     assert "complete" in r.stdout
+
+
+def test_head_closing_stdout_ends_quietly():
+    # `| head` closes the pipe early: the command exits 0 with nothing on stderr
+    r = subprocess.run(f"{sys.executable} -m cpmtool models tasks --n 20000 | head -1; exit ${{PIPESTATUS[0]}}",
+                       shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    assert r.stdout.count("\n") == 1
