@@ -36,3 +36,14 @@ lint: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# man pages: generated from the CLI plus man/src/*.md (tests/cli/test_manpages.py checks they are current)
+PREFIX ?= $(HOME)/.local
+.PHONY: man install-man
+
+man: $(STAMP)
+	$(BIN)/python -m cpmtool.cli.manpages man/
+
+install-man:
+	install -d $(DESTDIR)$(PREFIX)/share/man/man1
+	install -m 644 man/*.1 $(DESTDIR)$(PREFIX)/share/man/man1/
