@@ -85,7 +85,12 @@ def _register():
             continue
         mod = importlib.import_module(f"cpmtool.cli.{module}")
         if hasattr(mod, "app"):
-            app.add_typer(mod.app, name=name, help=help_text)
+            # a group's own callback docstring (its --help) wins; the table's one-liner is the fallback
+            cb = mod.app.registered_callback
+            if cb is not None and cb.callback is not None and cb.callback.__doc__:
+                app.add_typer(mod.app, name=name)
+            else:
+                app.add_typer(mod.app, name=name, help=help_text)
         else:
             app.command(name, help=None if mod.command.__doc__ else help_text)(mod.command)  # docstring: --help
 
