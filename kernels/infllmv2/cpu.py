@@ -47,14 +47,28 @@ def compress(k: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
     return out / kernel
 
 
-def block_scores(q, c1, c2, q_pos, cfg: SparseConfig, n_blocks: int) -> torch.Tensor:
-    """Stage 1. q (N, G, T, D); c1 (N, N1, D); c2 (N, N2, D); q_pos (N, T) -> block scores (N, T, n_blocks)."""
+def block_scores(q, c1, c2, q_pos, cfg: SparseConfig, n_blocks: int, transposed: bool = False,
+                 work: torch.Tensor | None = None) -> torch.Tensor:
+    """Stage 1. q (N, G, T, D); c1 (N, N1, D); c2 (N, N2, D); q_pos (N, T) -> block scores (N, T, n_blocks).
+
+    With `transposed`, c1/c2 come as (N, D, Nc) float32: a contiguous right operand doubles the bmm's
+    speed on CPU, so a caller that scores many chunks transposes them once. `work`, a flat float32
+    buffer of >= N*G*T*(N1+N2) elements, receives the logits (fresh multi-MB tensors cost page faults).
+    """
     n, g, t, d = q.shape
     qs = (q.float() * d**-0.5).reshape(n, g * t, d)
     pos1 = q_pos[:, None, :, None] + 1  # (N, 1, T, 1)
+    used = [0]
 
     def logits(c, kernel, stride):  # (N, G, T, Nc); only the columns some query cannot see need a mask
-        s = torch.bmm(qs, c.float().transpose(1, 2)).view(n, g, t, -1)
+        ct = c if transposed else c.float().transpose(1, 2)
+        if work is None:
+            s = torch.bmm(qs, ct)
+        else:
+            size = n * g * t * ct.shape[-1]
+            s = torch.bmm(qs, ct, out=work[used[0]: used[0] + size].view(n, g * t, ct.shape[-1]))
+            used[0] += size
+        s = s.view(n, g, t, -1)
         lo = num_compressed(int(q_pos.min()) + 1, kernel, stride)
         if lo < s.shape[-1]:
             seen = torch.arange(lo, s.shape[-1], device=q.device) * stride + kernel <= pos1
@@ -114,37 +128,31 @@ def _attend(q, k, v, bias, grad: bool):
 
 
 def _band(q, k, v, q_pos, cfg: SparseConfig, key_valid, grad):
-    """Sink + local blocks, as attention over one contiguous key slice. q (N, G, C, D) -> (N,G,C,D), (N,G,C)."""
+    """The local window (forced blocks qb - local_blocks .. qb) as attention over one contiguous key slice
+    (a view of k, no copy). q (N, G, C, D) -> (N, G, C, D), (N, G, C). Sinks go with the far blocks."""
     bs, dev = cfg.block_size, q.device
     qb = q_pos // bs  # (N, C)
     lo = max(0, (int(qb.min()) - cfg.local_blocks) * bs)
     hi = int(q_pos.max()) + 1
-    sink = min(cfg.init_blocks * bs, lo)
-    if sink:
-        kpos = torch.cat([torch.arange(sink, device=dev), torch.arange(lo, hi, device=dev)])
-        kk, vv = k.index_select(1, kpos), v.index_select(1, kpos)
-    else:
-        kpos = torch.arange(lo, hi, device=dev)
-        kk, vv = k[:, lo:hi], v[:, lo:hi]  # (N, Lk, D) views, no copy
-    kb = kpos // bs
-    ok = (kpos <= q_pos[..., None]) & ((kb >= qb[..., None] - cfg.local_blocks) | (kb < cfg.init_blocks))
+    kpos = torch.arange(lo, hi, device=dev)
+    ok = (kpos <= q_pos[..., None]) & (kpos // bs >= qb[..., None] - cfg.local_blocks)  # (N, C, Lk)
     if key_valid is not None:
-        ok &= key_valid[:, kpos][:, None]
+        ok &= key_valid[:, lo:hi][:, None]
     bias = torch.zeros(ok.shape, dtype=q.dtype, device=dev).masked_fill_(~ok, NEG)[:, None]  # (N, 1, C, Lk)
-    return _attend(q, kk[:, None], vv[:, None], bias, grad)
+    return _attend(q, k[:, None, lo:hi], v[:, None, lo:hi], bias, grad)
 
 
 def _pair_tiles(idx, q_pos, cfg: SparseConfig, n_blocks: int):
     """Group the (query, far block) pairs by (row, block) into tiles of PAIR_TILE queries.
 
     idx (N, C, K). Returns rows (tiles, PAIR_TILE) flat query indices n*C + t (N*C = padding) and
-    tile_seg (tiles,) = n * n_blocks + block. Far blocks are the selected ones outside the sink and
-    the local window: wholly in the past, so no causal mask is needed inside a tile.
+    tile_seg (tiles,) = n * n_blocks + block. Far blocks are the selected ones below the local window
+    (sinks included): wholly in the past, so no causal mask is needed inside a tile.
     """
     n, c, _ = idx.shape
     dev = idx.device
     qb = (q_pos // cfg.block_size)[..., None]
-    far = (idx >= cfg.init_blocks) & (idx < qb - cfg.local_blocks)  # excludes -1
+    far = (idx >= 0) & (idx < qb - cfg.local_blocks)
     ni, ti, ri = far.nonzero(as_tuple=True)
     seg, order = (ni * n_blocks + idx[ni, ti, ri]).sort(stable=True)
     qrow = (ni * c + ti)[order]
@@ -226,7 +234,10 @@ def _remote(q, k, v, q_pos, idx, cfg: SparseConfig, key_valid, grad, o_band, lse
         w = lse.view(-1).sub_(ref.index_select(0, de)).exp_()  # weight vs the band's LSE; a fully masked row -> 0
         if not bool(torch.isfinite(w).all()):
             return _remote(q, k, v, q_pos, idx, cfg, key_valid, True, o_band, lse_band)
-        num.index_add_(0, de, o.view(-1, d).mul_(w[:, None]).nan_to_num_())
+        o = o.view(-1, d).mul_(w[:, None])
+        if valid is not None:  # a row whose block is all unwritten slots has NaN output and weight 0
+            o.nan_to_num_()
+        num.index_add_(0, de, o)
         den.index_add_(0, de, w)
     out = num[: n * c * g] / den[: n * c * g, None]
     return out.view(n, c, g, d).transpose(1, 2)
@@ -285,12 +296,14 @@ def infllmv2_cpu(q, k, v, q_pos, cfg: SparseConfig, *, c1=None, c2=None, q_score
     if valid is not None:
         valid = valid.repeat_interleave(hkv, 0)
     sub = max(1, SCORE_BUDGET // max(1, n * g * c1.shape[1]))
+    c1t, c2t = c1.float().transpose(1, 2).contiguous(), c2.float().transpose(1, 2).contiguous()
+    work = q.new_empty(n * g * min(sub, t) * (c1.shape[1] + c2.shape[1]), dtype=torch.float32)
     outs = []
     for c0 in range(0, t, CHUNK):
         qc, pc, qsc = q[:, :, c0: c0 + CHUNK], pos[:, c0: c0 + CHUNK], qs[:, :, c0: c0 + CHUNK]
         with torch.no_grad():
             nb = -(-(int(pc.max()) + 1) // cfg.block_size)  # one width for the chunk's sub-chunks
-            idx = torch.cat([_select(qsc[:, :, i: i + sub].detach(), c1, c2, pc[:, i: i + sub], cfg, nb)
+            idx = torch.cat([_select(qsc[:, :, i: i + sub].detach(), c1t, c2t, pc[:, i: i + sub], cfg, nb, work)
                              for i in range(0, qc.shape[2], sub)], 1)
         if t == 1:
             outs.append(_decode(qc, k, v, pc, idx, cfg, valid, grad))
@@ -302,9 +315,10 @@ def infllmv2_cpu(q, k, v, q_pos, cfg: SparseConfig, *, c1=None, c2=None, q_score
     return torch.cat(outs, 2).reshape(b, hq, t, d).to(dt)
 
 
-def _select(q, c1, c2, q_pos, cfg: SparseConfig, n_blocks: int):
+def _select(q, c1t, c2t, q_pos, cfg: SparseConfig, n_blocks: int, work):
+    # c1t, c2t: (N, D, Nc) float32, see block_scores
     top = int(q_pos.max()) + 1  # compressed keys past the last query's view are never needed
     n1 = num_compressed(top, cfg.kernel_size, cfg.kernel_stride)
     n2 = num_compressed(top, cfg.kernel_size2, cfg.kernel_stride2)
-    scores = block_scores(q, c1[:, :n1], c2[:, :n2], q_pos, cfg, n_blocks)
+    scores = block_scores(q, c1t[..., :n1], c2t[..., :n2], q_pos, cfg, n_blocks, transposed=True, work=work)
     return select_blocks(scores, q_pos, cfg)
