@@ -17,7 +17,7 @@ from cpmtool.train.config import RLConfig, field_type
 
 EXAMPLE = ("Example: cpmtool train-rl --model cpm-tiny --prompts train.jsonl --algo grpo --steps 40 --lr 1e-4 "
            "--out runs/grpo   |   torchrun --nproc-per-node 2 -m cpmtool train-rl ... (data-parallel)   |   "
-           "cpmtool train-rl fit-entropy runs/grpo/metrics.jsonl")
+           "cpmtool train-rl fit-entropy runs/grpo/metrics.jsonl   |   cpmtool train-rl report runs/*")
 app = typer.Typer(invoke_without_command=True, no_args_is_help=False, epilog=EXAMPLE)
 
 
@@ -60,8 +60,8 @@ def _progress_log():
 
     if not progress_enabled():
         return None
-    keys = ("step", "reward", "accuracy", "eval_accuracy", "entropy", "response_length", "clip_frac", "kl",
-            "grad_norm", "step_time")
+    keys = ("step", "loss", "reward", "accuracy", "eval_accuracy", "entropy", "response_length", "clip_frac", "kl",
+            "reward_margin", "grad_norm", "step_time")
 
     def log(row: dict) -> None:
         if "event" in row:
@@ -112,3 +112,17 @@ def fit_entropy_cmd(
 
     png = png or str(Path(metrics).parent / "entropy_fit.png")
     print(json.dumps(fit_entropy(metrics, y=y, x=x, fit_steps=fit_steps, png=png)))
+
+
+@app.command("report")
+def report_cmd(
+    runs: list[str] = typer.Argument(..., help="Run directories (each with run.json and metrics.jsonl)."),
+):
+    """One JSON line per run: algorithm, steps, wall minutes, load, greedy accuracy before/after, entropy.
+
+    Example: cpmtool train-rl report runs/rlvr/* | jq -r '[.algo, .accuracy_before, .accuracy_after] | @tsv'
+    """
+    from cpmtool.train.runlog import summarize_run
+
+    for r in runs:
+        print(json.dumps(summarize_run(r)))

@@ -546,10 +546,16 @@ class RLRecipe:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
+        import os
+
         cfg = self.cfg
         first = self.step + 1
+        t_start = time.perf_counter()
+        eval_s = 0.0
         if first == 1 and self.eval_records:
             row = {"step": 0, "eval_accuracy": self.evaluate()}
+            eval_s = time.perf_counter() - t_start
+            row["eval_s"] = round(eval_s, 3)
             self.metrics.write(row)
             self.log(row)
         last = None
@@ -565,16 +571,23 @@ class RLRecipe:
                    "rollout_s": round(t1 - t0, 3), "update_s": round(t2 - t1, 3), "step_time": round(t2 - t0, 3),
                    "gen_tokens_per_s": round(info["gen_tokens"] / max(t1 - t0, 1e-9), 1),
                    "train_tokens_per_s": round(n_train_tok / max(t2 - t1, 1e-9), 1),
-                   "samples_per_s": round(sum(len(g) for g in groups) / max(t2 - t0, 1e-9), 2)}
-            if self.eval_records and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                   "samples_per_s": round(sum(len(g) for g in groups) / max(t2 - t0, 1e-9), 2),
+                   "elapsed_s": round(t2 - t_start, 1), "load_1m": round(os.getloadavg()[0], 2)}
+            # --max-minutes: stop when another step and the final evaluation would not fit
+            over = bool(cfg.max_minutes) and (t2 - t_start) + (t2 - t0) + eval_s > cfg.max_minutes * 60
+            final = step == cfg.steps or self.dist.gather(over)[0]
+            if self.eval_records and ((cfg.eval_every and step % cfg.eval_every == 0) or final):
                 row["eval_accuracy"] = self.evaluate()
             self.metrics.write(row)
             self.log(row)
             last = row
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            if final:
+                break
+            if cfg.save_every and step % cfg.save_every == 0:
                 self.save_checkpoint()
         self.save_checkpoint(final=True)
-        return {"out": str(self.out), "steps": cfg.steps, "rank": self.dist.rank, "last": last}
+        return {"out": str(self.out), "steps": self.step, "rank": self.dist.rank,
+                "wall_s": round(time.perf_counter() - t_start, 1), "last": last}
 
     def save_checkpoint(self, final: bool = False) -> None:
         cfg = self.cfg

@@ -173,3 +173,36 @@ def fit_entropy(metrics: str | Path, *, y: str | None = None, x: str = "entropy"
         plt.close(fig)
         res["png"] = str(png)
     return res
+
+
+def summarize_run(run_dir: str | Path) -> dict:
+    """One line about a finished run: algorithm, steps, wall time, load, and greedy accuracy before/after.
+
+    Raises:
+        InputError: the directory has no metrics.jsonl or run.json.
+    """
+    d = Path(run_dir)
+    try:
+        cfg = json.loads((d / "run.json").read_text())["config"]
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{d}: not a run directory (no readable run.json)") from e
+    rows = read_metrics(d / "metrics.jsonl")
+    steps = [r for r in rows if r.get("step", 0) > 0]
+    evals = [r for r in rows if isinstance(r.get("eval_accuracy"), (int, float))]
+    ent = [r["entropy"] for r in steps if isinstance(r.get("entropy"), (int, float))]
+    loads = [r["load_1m"] for r in steps if isinstance(r.get("load_1m"), (int, float))]
+    out = {
+        "run": str(d), "algo": cfg.get("algo"), "entropy_control": cfg.get("entropy_control"),
+        "steps": steps[-1]["step"] if steps else 0,
+        "wall_min": round(steps[-1].get("elapsed_s", 0.0) / 60, 2) if steps else 0.0,
+        "samples": sum(r.get("groups_kept", 0) * cfg.get("n", 1) for r in steps),
+        "load_1m_mean": round(sum(loads) / len(loads), 2) if loads else None,
+        "accuracy_before": evals[0]["eval_accuracy"] if evals and evals[0].get("step") == 0 else None,
+        "accuracy_after": evals[-1]["eval_accuracy"] if evals else None,
+        "entropy_first": round(ent[0], 4) if ent else None, "entropy_last": round(ent[-1], 4) if ent else None,
+        "train_accuracy_first": steps[0].get("accuracy") if steps else None,
+        "train_accuracy_last": steps[-1].get("accuracy") if steps else None,
+    }
+    if out["accuracy_before"] is not None and out["accuracy_after"] is not None:
+        out["delta_points"] = round(100 * (out["accuracy_after"] - out["accuracy_before"]), 1)
+    return out

@@ -15,7 +15,8 @@ import torch
 from cpmtool.train.config import RLConfig
 from cpmtool.train.rl import RLRecipe, train_rl
 
-TIMING = {"rollout_s", "update_s", "step_time", "gen_tokens_per_s", "train_tokens_per_s", "samples_per_s"}
+TIMING = {"rollout_s", "update_s", "step_time", "gen_tokens_per_s", "train_tokens_per_s", "samples_per_s",
+          "elapsed_s", "load_1m", "eval_s"}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_grpo_run_leaves_metrics_curves_run_json_and_hf_checkpoints(base, arith_
     out = tmp_path / "run"
     got = rows(out)
     assert [r["step"] for r in got] == [0, 1, 2]
-    assert set(got[0]) == {"step", "eval_accuracy"}
+    assert set(got[0]) == {"step", "eval_accuracy", "eval_s"}
     for key in ("reward", "accuracy", "entropy", "response_length", "clip_frac", "ppo_kl", "grad_norm", "loss",
                 "gen_tokens_per_s", "step_time", "cov_mean", "cov_std", "eval_accuracy"):
         assert key in got[2], key
@@ -189,3 +190,9 @@ def test_ttrl_vote_rewards_train_on_the_first_n(base):
     assert len(group) == 2 and [s.reward for s in group] == [1.0, 0.0]
     assert [s.correct for s in group] == [False, True]
     assert st["reward_hits"] == 0  # both pseudo-rewards disagree with the gold ones
+
+
+def test_max_minutes_stops_early_and_still_evaluates(base, arith_prompts):
+    res = train_rl(RLConfig(**{**base, "steps": 50, "max_minutes": 1e-4, "eval_prompts": str(arith_prompts[1])}))
+    # the budget is spent after the first step: it is the last, and it carries the final evaluation
+    assert res["steps"] == 1 and "eval_accuracy" in res["last"]

@@ -1,0 +1,81 @@
+# RLVR on cpm-tiny: GRPO (and PRIME, NFT, LUFFY, Clip-Cov/KL-Cov) on the synthetic arithmetic task,
+# with greedy accuracy on the arithmetic test split before and after (eval_accuracy at step 0 and
+# at the last step of metrics.jsonl).
+#
+#   make -f pipelines/rlvr.mk grpo      # the "it must learn" run: <= MINUTES (10) of GRPO on 2 cores
+#   make -f pipelines/rlvr.mk all       # grpo prime nft luffy clip-cov kl-cov, then report
+#   make -f pipelines/rlvr.mk report    # one JSON line per run: accuracy before/after, steps, minutes, load
+#   make -f pipelines/rlvr.mk fit       # entropy-performance fit R = -a e^H + b of each run
+#
+# Every run stops by itself when another step and the final evaluation would not fit in MINUTES
+# (--max-minutes), so wall time on a busy machine costs steps, never the budget. The rollout uses
+# the training module itself (no reload). THREADS=2 is the 2-core budget; on a machine shared
+# with other jobs THREADS=1 avoids thread stragglers and is faster.
+
+PYTHON  ?= .venv/bin/python
+CPMTOOL ?= $(PYTHON) -m cpmtool
+MODEL   ?= cpm-tiny
+OUT     ?= runs/rlvr
+THREADS ?= 2
+MINUTES ?= 10
+SEED    ?= 0
+STEPS   ?= 400
+TRAIN_N ?= 4000
+TEST_N  ?= 200
+# levels the RL prompts are drawn from (the test split keeps all five levels)
+LEVELS  ?= --level 1 --level 2 --level 3 --level 4 --level 5
+
+# the GRPO recipe shared by the runs: 8 prompts x 8 samples, T = 1, one on-policy update per step
+RL = $(CPMTOOL) --progress train-rl --model $(MODEL) --prompts $(OUT)/train.jsonl --eval-prompts $(OUT)/test.jsonl \
+     --steps $(STEPS) --batch-size 8 --n 8 --max-tokens 96 --temperature 1.0 --lr 2e-4 --weight-decay 0.0 \
+     --max-minutes $(MINUTES) --threads $(THREADS) --seed $(SEED) --save-every 20
+
+.PHONY: data grpo prime nft luffy clip-cov kl-cov dapo all report fit clean
+
+data: $(OUT)/train.jsonl $(OUT)/test.jsonl
+
+$(OUT)/train.jsonl:
+	mkdir -p $(OUT)
+	$(CPMTOOL) models tasks --task arithmetic --split train --n $(TRAIN_N) --seed 1 $(LEVELS) --solution > $@
+
+$(OUT)/test.jsonl:
+	mkdir -p $(OUT)
+	$(CPMTOOL) models tasks --task arithmetic --split test --n $(TEST_N) --seed 0 > $@
+
+grpo: data
+	$(RL) --algo grpo --out $(OUT)/grpo
+
+dapo: data
+	$(RL) --algo grpo --clip-high 0.28 --clip-c 10 --dynamic-sampling --overlong-buffer 32 --out $(OUT)/dapo
+
+prime: data
+	$(RL) --algo prime --prime-lr 2e-4 --prime-acc-lower 0.125 --prime-acc-upper 0.875 --out $(OUT)/prime
+
+nft: data
+	$(RL) --algo nft --out $(OUT)/nft
+
+# the off-policy traces are the worked solutions of the train records (matched by id)
+luffy: data
+	$(RL) --algo luffy --offpolicy $(OUT)/train.jsonl --out $(OUT)/luffy
+
+# official Clip-Cov/KL-Cov scripts: ratio clip mostly off for Clip-Cov (1, 1), KL-Cov needs
+# off-policy mini-batches (2 per step here); ratios scaled up for batches of ~4k tokens
+clip-cov: data
+	$(RL) --algo grpo --entropy-control clip-cov --clip-cov-ratio 0.002 --clip-low 1 --clip-high 1 --clip-c 10 \
+	      --out $(OUT)/clip-cov
+
+kl-cov: data
+	$(RL) --algo grpo --entropy-control kl-cov --kl-cov-ratio 0.002 --ppo-kl-coef 1 --mini-batch-size 4 \
+	      --out $(OUT)/kl-cov
+
+all: grpo prime nft luffy clip-cov kl-cov report
+
+report:
+	$(CPMTOOL) train-rl report $(patsubst %/run.json,%,$(wildcard $(OUT)/*/run.json))
+
+fit:
+	for d in $(patsubst %/metrics.jsonl,%,$(wildcard $(OUT)/*/metrics.jsonl)); do \
+	  $(CPMTOOL) train-rl fit-entropy $$d/metrics.jsonl || true; done
+
+clean:
+	rm -rf $(OUT)
