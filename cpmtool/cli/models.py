@@ -244,3 +244,27 @@ def tasks_cmd(
 
     for rec in generate(task, split, n, seed, level=level or None, with_solution=solution):
         sys.stdout.write(orjson.dumps(rec).decode() + "\n")
+
+
+@app.command("freq")
+def freq_cmd(
+    model: str = typer.Argument(..., help="Registry name, HF model directory or .gguf file (its tokenizer)."),
+    inputs: list[str] = typer.Argument(..., help="JSONL corpora (`-` = stdin; .zst/.gz ok)."),
+    out: str = typer.Option(None, "--out", "-o", help="Where to write (default $CPMTOOL_HOME/freq/<model>.json)."),
+    field: list[str] = typer.Option(None, "--field", help="Record fields holding text (repeatable; default: "
+                                    "text, prompt, completion, output, instruction, input, chosen, messages)."),
+    max_docs: int = typer.Option(None, "--max-docs", help="Count at most this many records."),
+):
+    """Build the token frequency list FR-Spec uses to shrink the draft model's vocabulary.
+
+    Tokenizes the corpus with the model's tokenizer and ranks token ids by count; the speculative
+    engine's --frspec-vocab N then drafts over the N most frequent tokens. Prints the list's path.
+
+    Example: cpmtool models freq smollm2-135m /work/shared/data/alpaca_seed.jsonl
+    """
+    from cpmtool.model.freq import TEXT_FIELDS, corpus_freq
+
+    path, freq = corpus_freq(model, inputs, fields=tuple(field) if field else TEXT_FIELDS, max_docs=max_docs, out=out)
+    print(f"cpmtool models freq: {freq['n_docs']} records, {freq['n_tokens']} tokens, {len(freq['ids'])} distinct ids"
+          f"{', ' + str(freq['n_rejected']) + ' rejected lines' if freq['n_rejected'] else ''}", file=sys.stderr)
+    print(path)

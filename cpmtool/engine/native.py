@@ -243,7 +243,7 @@ class NativeEngine:
 
     name = "native"
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 64, max_len: int | None = None):
+    def __init__(self, model, tokenizer, *, max_batch: int = 64, max_len: int | None = None, speculative=None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -253,6 +253,12 @@ class NativeEngine:
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))
         self.eos_ids = frozenset(eos)
+        # speculative decoding (a cpmtool.engine.speculative.SpecConfig): decode steps draft and verify
+        self.speculative = None
+        if speculative is not None:
+            from cpmtool.engine.speculative import Speculator
+
+            self.speculative = Speculator(self, speculative)
 
     @classmethod
     def load(cls, model: str, *, dtype: str = "float32", device: str = "cpu", attention: str | None = None,
@@ -278,6 +284,8 @@ class NativeEngine:
 
     # -- generation ---------------------------------------------------------------------------
     def scheduler(self, max_len: int | None = None) -> Scheduler:
+        if self.speculative is not None:
+            return self.speculative.scheduler(self, self.max_batch, max_len or self.max_len)
         return Scheduler(self, self.max_batch, max_len or self.max_len)
 
     def generate_stream(self, requests: Iterable[Request], params: SamplingParams | None = None) -> Iterator[Result]:
