@@ -165,3 +165,40 @@ def clean_cmd(
     report = bench_clean(files, compare=compare, repeat=repeat, limit=limit)
     print(format_report(report), file=sys.stderr)
     sys.stdout.write(orjson.dumps(report).decode() + "\n")
+
+
+@app.command("train-rl")
+def train_rl_cmd(
+    model: str = typer.Option("cpm-tiny", "--model", help="Policy: registry name or HF directory."),
+    compare: str = typer.Option("trl", "--compare", help="Other trainer to run on the same configuration: trl, "
+                                "or '' for ours alone."),
+    prompts: str = typer.Option(None, "--prompts", help="Prompt records (default: cpm-tiny arithmetic, levels 1-3)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per step."),
+    n: int = typer.Option(8, "--n", help="Samples per prompt (group size)."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="Maximum completion tokens."),
+    steps: int = typer.Option(3, "--steps", help="Timed steps (after --warmup untimed ones)."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed first steps."),
+    lr: float = typer.Option(1e-5, "--lr", help="Learning rate (both trainers)."),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+):
+    """GRPO throughput: our trainer vs TRL's GRPOTrainer on the same model, batch, group size, lengths, steps.
+
+    Prints one JSON row per trainer (samples/s, completion tokens/s) and their ratio; needs
+    `pip install 'cpmtool[trl]'` for --compare trl.
+
+    Example: cpmtool bench train-rl --compare trl --model cpm-tiny --batch-size 8 --n 8 --max-tokens 64 --threads 2
+    """
+    import orjson
+
+    from cpmtool.train.bench import bench_train_rl
+
+    def show(r: dict) -> None:
+        if r["trainer"] == "ratio":
+            print(f"  ours / {compare}: samples/s x{r['samples_per_s_ratio']}", file=sys.stderr, flush=True)
+        else:
+            print(f"  {r['trainer']:8s} {r['samples_per_s']:8.2f} samples/s  {r['steps']} steps  "
+                  f"{r['seconds']:.1f} s", file=sys.stderr, flush=True)
+        sys.stdout.write(orjson.dumps(r).decode() + "\n")
+
+    bench_train_rl(model, prompts=prompts, compare=compare or None, batch_size=batch_size, n=n,
+                   max_tokens=max_tokens, steps=steps, warmup=warmup, lr=lr, threads=threads or 0, on_row=show)

@@ -1,0 +1,39 @@
+"""`cpmtool bench train-rl`: our GRPO throughput, and TRL's on the same configuration when installed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_bench_ours_alone(tiny_model_dir, arith_prompts):
+    from cpmtool.train.bench import bench_train_rl
+
+    rows = bench_train_rl(str(tiny_model_dir), prompts=str(arith_prompts[0]), compare=None, batch_size=2, n=4,
+                          max_tokens=8, steps=2, warmup=1, threads=1)
+    assert len(rows) == 1 and rows[0]["trainer"] == "cpmtool"
+    r = rows[0]
+    assert r["steps"] == 2 and r["samples"] == 16 and r["samples_per_s"] > 0 and r["n"] == 4
+
+
+def test_bench_rejects_unknown_comparison():
+    from cpmtool.errors import ConfigError
+    from cpmtool.train.bench import bench_train_rl
+
+    with pytest.raises(ConfigError, match="valid: trl"):
+        bench_train_rl("cpm-tiny", compare="openrlhf")
+
+
+@pytest.mark.slow
+def test_bench_against_trl(tiny_model_dir, arith_prompts, capsys):
+    pytest.importorskip("trl")
+    from cpmtool.train.bench import bench_train_rl
+
+    rows = bench_train_rl(str(tiny_model_dir), prompts=str(arith_prompts[0]), compare="trl", batch_size=2, n=4,
+                          max_tokens=8, steps=2, warmup=1, threads=1)
+    assert [r["trainer"] for r in rows] == ["cpmtool", "trl", "ratio"]
+    assert rows[1]["samples"] == 16 and rows[1]["samples_per_s"] > 0
+    assert rows[2]["samples_per_s_ratio"] == pytest.approx(rows[0]["samples_per_s"] / rows[1]["samples_per_s"], rel=0.01)
+    assert capsys.readouterr().out == ""  # TRL's log printer is removed: stdout stays for data
+    json.dumps(rows)
