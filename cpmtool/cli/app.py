@@ -21,6 +21,7 @@ app = typer.Typer(
     "rollout -> train-rl -> quantize-ternary -> serve -> bench. Every command reads and writes JSONL.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
