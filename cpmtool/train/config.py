@@ -97,6 +97,7 @@ class RLConfig:
     eval_prompts: str = opt("", "Prompt records for greedy accuracy (at the start, every --eval-every, the end).")
     eval_every: int = opt(0, "Evaluate every N steps (0: start and end only, when --eval-prompts is given).")
     eval_n: int = opt(0, "Evaluate on the first N eval prompts (0: all).")
+    eval_max_tokens: int = opt(0, "Greedy evaluation: maximum response tokens (0: --max-tokens).")
     max_minutes: float = opt(0.0, "Wall-time budget: stop early when another step and the final evaluation "
                              "would not fit (0: no limit).")
     save_every: int = opt(0, "Checkpoint every N steps (0: only the final model).")

@@ -538,7 +538,7 @@ class RLRecipe:
         if not self.eval_records:
             return None
         cfg = self.cfg
-        jobs = [(encode_query(self.tokenizer, prompt_query(r, chat=cfg.chat)), 1, cfg.max_tokens, 0)
+        jobs = [(encode_query(self.tokenizer, prompt_query(r, chat=cfg.chat)), 1, cfg.eval_max_tokens or cfg.max_tokens, 0)
                 for r in self.eval_records]
         outs = self.generate(jobs, temperature=0.0, logprobs=False)
         hits = [bool(self.reward_fn(r, comps[0][3])[1]) for r, comps in zip(self.eval_records, outs, strict=True)]
