@@ -27,7 +27,16 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     if not (path.is_dir() and any((path / f).is_file() for f in _TOKENIZER_FILES)):
         raise ModelError(f"no tokenizer in {path} (expected one of {', '.join(_TOKENIZER_FILES)})")
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # AutoTokenizer also reads config.json and warns that model_type "minicpm" is unknown to
+        # transformers; the tokenizer itself is a plain fast tokenizer, so silence that one warning
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        finally:
+            hf_logging.set_verbosity(level)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"cannot load the tokenizer in {path}: {' '.join(str(e).split())}") from e
 
