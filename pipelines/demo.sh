@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# `make demo`: the embedded models answer a few test prompts, with timings, through the same
+# commands a user pipes together. Each landed issue adds its step here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CPMTOOL=${CPMTOOL:-.venv/bin/cpmtool}
+SHARED=${SHARED:-../shared/data}
+OUT=${OUT:-out/demo}
+mkdir -p "$OUT"
+step() { printf '\n== %s\n$ %s\n' "$1" "$2"; }
+t() { local t0=$SECONDS; "$@"; echo "[${1##*/} ${2:-}: $((SECONDS - t0)) s]" >&2; }
+
+step "the registry" "cpmtool models list; cpmtool models info cpm-tiny"
+$CPMTOOL models list
+$CPMTOOL models info cpm-tiny | grep -E "^(name|params|architecture|card\.)" || true
+
+step "cpm-tiny answers arithmetic test prompts (greedy, graded)" \
+  "cpmtool models tasks --task arithmetic --split test --n 12 | cpmtool rollout --model cpm-tiny --temperature 0 --reward math"
+$CPMTOOL models tasks --task arithmetic --split test --n 12 --seed 0 > "$OUT/tasks.jsonl"
+t $CPMTOOL rollout --model cpm-tiny --temperature 0 --max-tokens 160 --reward math "$OUT/tasks.jsonl" \
+  > "$OUT/greedy.jsonl"
+.venv/bin/python - "$OUT/greedy.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+for r in rows[:4]:
+    print(f"> {r['prompt']}\n{r['completion']}\n[{'correct' if r['correct'] else 'wrong'}; gold {r['answer']}; {r['n_tokens']} tokens]")
+print(f"cpm-tiny greedy: {sum(r['correct'] for r in rows)}/{len(rows)} correct")
+PY
+
+step "8 samples per prompt with a TTRL majority vote" \
+  "cpmtool rollout --model cpm-tiny --n 8 --seed 0 --vote tasks.jsonl"
+t $CPMTOOL rollout --model cpm-tiny --n 8 --seed 0 --max-tokens 160 --reward math --vote "$OUT/tasks.jsonl" \
+  > "$OUT/vote.jsonl"
+.venv/bin/python - "$OUT/vote.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+groups = {}
+for r in rows:
+    groups.setdefault(r["group"], []).append(r)
+acc = sum(r["correct"] for r in rows) / len(rows)
+passk = sum(any(r["correct"] for r in g) for g in groups.values()) / len(groups)
+maj = sum(g[0].get("maj_correct", False) for g in groups.values()) / len(groups)
+print(f"{len(rows)} samples: mean accuracy {acc:.0%}, pass@8 {passk:.0%}, majority-vote accuracy {maj:.0%}")
+PY
+
+step "smollm2-135m answers chat prompts (greedy)" \
+  "printf '{\"prompt\": ...}' | cpmtool rollout --model smollm2-135m --chat --temperature 0"
+printf '%s\n' '{"id":"q1","prompt":"What is the capital of France?"}' \
+  '{"id":"q2","prompt":"Give me three tips for staying healthy."}' > "$OUT/chat.jsonl"
+t $CPMTOOL rollout --model smollm2-135m --chat --temperature 0 --max-tokens 48 "$OUT/chat.jsonl" \
+  | .venv/bin/python -c 'import json,sys; [print(f"> {r[\"prompt\"]}\n{r[\"completion\"]}\n") for r in map(json.loads, sys.stdin)]'
+
+step "UltraClean rules on real web documents" \
+  "cpmtool clean run $SHARED/web_docs_sample.jsonl --rejects rejects.jsonl --stats stats.json"
+if [ -f "$SHARED/web_docs_sample.jsonl" ]; then
+  t $CPMTOOL clean run "$SHARED/web_docs_sample.jsonl" --rejects "$OUT/rejects.jsonl" --stats "$OUT/clean_stats.json" \
+    > "$OUT/clean.jsonl"
+  echo "kept $(wc -l < "$OUT/clean.jsonl") documents, rejected $(wc -l < "$OUT/rejects.jsonl"); top reasons:"
+  .venv/bin/python -c 'import json,sys,collections; c=collections.Counter(json.loads(l)["reject_reason"] for l in open(sys.argv[1])); [print(f"  {n:4d}  {k}") for k,n in c.most_common(6)]' "$OUT/rejects.jsonl"
+else
+  echo "(skipped: $SHARED/web_docs_sample.jsonl not found)"
+fi
+echo
+echo "demo outputs are in $OUT/"
