@@ -140,11 +140,12 @@ class Scheduler:
         # size the cache for this admission only; _merge pads when later requests need more room
         need = max(len(r.prompt_ids) + r.params.max_tokens for r in batch)
         cache = self.model.new_cache(len(batch), need)
-        logits = self.model(ids, positions, cache)  # (U, T, V)
+        hidden = self.model.hidden_states(ids, positions, cache)  # (U, T, hidden)
         # right padding wrote junk past each prompt: invalidate it; decode overwrites those slots
         for u, n in enumerate(lens):
             cache.valid[u, n:] = False
-        last = logits[torch.arange(len(batch)), torch.tensor(lens) - 1].float()  # (U, V)
+        # the LM head on the last prompt position only: on all T it costs more than the whole prefill
+        last = self.model.lm_head(hidden[torch.arange(len(batch)), torch.tensor(lens) - 1]).float()  # (U, V)
         fan = torch.tensor([u for u, r in enumerate(batch) for _ in r.seqs], device=dev)
         cache.select_rows(fan)
         last = last.index_select(0, fan)
