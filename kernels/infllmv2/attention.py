@@ -24,9 +24,12 @@ def infllmv2(q, k, v, q_pos, cfg: SparseConfig, *, c1=None, c2=None, q_score=Non
     Runs the Triton kernels on CUDA and the batched torch path elsewhere.
     """
     if q.is_cuda and (key_valid is None or bool(key_valid[:, : int(q_pos.max()) + 1].all())):
-        from .triton import infllmv2_triton
-
-        return infllmv2_triton(q, k, v, q_pos, cfg, c1=c1, c2=c2, q_score=q_score, k_score=k_score)
+        try:
+            from .triton import infllmv2_triton
+        except ImportError:  # no triton: the torch path also runs on CUDA tensors
+            infllmv2_triton = None
+        if infllmv2_triton is not None:
+            return infllmv2_triton(q, k, v, q_pos, cfg, c1=c1, c2=c2, q_score=q_score, k_score=k_score)
     return infllmv2_cpu(q, k, v, q_pos, cfg, c1=c1, c2=c2, q_score=q_score, k_score=k_score, key_valid=key_valid)
 
 
