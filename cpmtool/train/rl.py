@@ -573,8 +573,9 @@ class RLRecipe:
                    "train_tokens_per_s": round(n_train_tok / max(t2 - t1, 1e-9), 1),
                    "samples_per_s": round(sum(len(g) for g in groups) / max(t2 - t0, 1e-9), 2),
                    "elapsed_s": round(t2 - t_start, 1), "load_1m": round(os.getloadavg()[0], 2)}
-            # --max-minutes: stop when another step and the final evaluation would not fit
-            over = bool(cfg.max_minutes) and (t2 - t_start) + (t2 - t0) + eval_s > cfg.max_minutes * 60
+            # --max-minutes: stop when another step, the final evaluation and the final save would not
+            # fit (a step's time stands in for the save)
+            over = bool(cfg.max_minutes) and (t2 - t_start) + 2 * (t2 - t0) + eval_s > cfg.max_minutes * 60
             final = step == cfg.steps or self.dist.gather(over)[0]
             if self.eval_records and ((cfg.eval_every and step % cfg.eval_every == 0) or final):
                 row["eval_accuracy"] = self.evaluate()
