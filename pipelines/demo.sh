@@ -51,9 +51,9 @@ t $CPMTOOL rollout --model smollm2-135m --chat --temperature 0 --max-tokens 48 "
   | .venv/bin/python -c 'import json,sys; [print(f"> {r[\"prompt\"]}\n{r[\"completion\"]}\n") for r in map(json.loads, sys.stdin)]'
 
 step "UltraClean rules on real web documents" \
-  "cpmtool clean run $SHARED/web_docs_sample.jsonl --rejects rejects.jsonl --stats stats.json"
+  "cpmtool clean $SHARED/web_docs_sample.jsonl --rejects rejects.jsonl --stats stats.json"
 if [ -f "$SHARED/web_docs_sample.jsonl" ]; then
-  t $CPMTOOL clean run "$SHARED/web_docs_sample.jsonl" --rejects "$OUT/rejects.jsonl" --stats "$OUT/clean_stats.json" \
+  t $CPMTOOL clean "$SHARED/web_docs_sample.jsonl" --rejects "$OUT/rejects.jsonl" --stats "$OUT/clean_stats.json" \
     > "$OUT/clean.jsonl"
   echo "kept $(wc -l < "$OUT/clean.jsonl") documents, rejected $(wc -l < "$OUT/rejects.jsonl"); top reasons:"
   .venv/bin/python -c 'import json,sys,collections; c=collections.Counter(json.loads(l)["reject_reason"] for l in open(sys.argv[1])); [print(f"  {n:4d}  {k}") for k,n in c.most_common(6)]' "$OUT/rejects.jsonl"
