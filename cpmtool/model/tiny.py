@@ -40,15 +40,19 @@ CHAT_TEMPLATE = (
 )
 EVAL_COMMAND = "python -m cpmtool.model.tiny eval --split test --n 500 --seed 0"
 
-# The shipped recipe. The budget (2 cores, < 20 min) buys ~15k short examples, so levels 1-3 get
-# most of them, level 4 a few and level 5 none: the hard levels are rarely solved, which leaves RL
-# room to climb. Small batches: in this data-starved regime more updates beat bigger ones.
+# The shipped recipe. Plain small-model settings train reliably in the 2-core budget: the μP
+# multipliers stay in the architecture (scale_depth/√L on every residual branch) while scale_emb=1
+# and dim_model_base=hidden_size make the embedding and logit multipliers neutral, and every
+# matrix starts at N(0, 0.02). (Runs with scale_emb=12, dim_model_base=hidden/4 and lr 1e-2 --
+# MiniCPM's large-model values -- stayed below 5% accuracy within the budget.) Training covers
+# arithmetic levels 1-3; levels 4 and 5 of the test split are longer than anything seen, so greedy
+# accuracy over the whole split leaves room for RL.
 RECIPE = dict(
-    hidden_size=224, intermediate_size=576, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=320, scale_emb=12.0, scale_depth=1.4, dim_model_base=56, init_std=0.1,
-    steps=900, batch_size=16, lr=1e-2, warmup=0.05, decay=0.3, weight_decay=0.1,
-    task_mix={"arithmetic": 0.95, "countdown": 0.05},
-    level_mix={"arithmetic": {1: 3, 2: 3, 3: 3, 4: 1, 5: 0}, "countdown": {1: 1, 2: 1, 3: 0}},
+    hidden_size=192, intermediate_size=576, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=320, scale_emb=1.0, scale_depth=1.4, dim_model_base=192, init_std=0.02,
+    steps=900, batch_size=16, lr=3e-3, warmup=0.05, decay=0.3, weight_decay=0.1,
+    task_mix={"arithmetic": 1.0},
+    level_mix={"arithmetic": {1: 1, 2: 1, 3: 1}},
 )
 
 
@@ -391,8 +395,17 @@ def train_tiny(out_dir: str | Path, *, steps: int | None = None, seed: int = 0, 
         card["eval_seconds"] = round(time.time() - t_eval, 1)
         card["accuracy"] = accuracy_summary(card["eval"])
     card["total_seconds"] = round(time.time() - t0, 1)
-    (out / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    write_card(out, card)
     return card
+
+
+_CARD_FIRST = ("name", "architecture", "params", "accuracy", "eval_command", "build_command")
+
+
+def write_card(out_dir: str | Path, card: dict) -> None:
+    """card.json with the headline fields first (`cpmtool models info` shows them in file order)."""
+    ordered = {k: card[k] for k in _CARD_FIRST if k in card} | card
+    (Path(out_dir) / "card.json").write_text(json.dumps(ordered, indent=2) + "\n")
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -428,7 +441,7 @@ def _main(argv: list[str] | None = None) -> int:
             p = Path(a.model) / "card.json"
             card = json.loads(p.read_text()) if p.exists() else {}
             card["eval"], card["accuracy"] = rep, accuracy_summary(rep)
-            p.write_text(json.dumps(card, indent=2) + "\n")
+            write_card(a.model, card)
         print(json.dumps(rep, indent=2))
     return 0
 
