@@ -13,10 +13,12 @@ MODEL   ?= cpm-tiny
 OUT     ?= runs/ttrl
 THREADS ?= 2
 MINUTES ?= 10
+LR      ?= 5e-5
 SEED    ?= 0
 STEPS   ?= 400
 TEST_N  ?= 200
 VOTE_N  ?= 16
+LEVELS  ?= --level 1 --level 2 --level 3
 N       ?= 8
 
 .PHONY: data ttrl report clean
@@ -25,12 +27,12 @@ data: $(OUT)/test.jsonl
 
 $(OUT)/test.jsonl:
 	mkdir -p $(OUT)
-	$(CPMTOOL) models tasks --task arithmetic --split test --n $(TEST_N) --seed 0 > $@
+	$(CPMTOOL) models tasks --task arithmetic --split test --n $(TEST_N) --seed 0 $(LEVELS) > $@
 
 ttrl: data
 	$(CPMTOOL) --progress train-rl --algo ttrl --model $(MODEL) --prompts $(OUT)/test.jsonl \
 	  --eval-prompts $(OUT)/test.jsonl --vote-n $(VOTE_N) --group-size $(N) --steps $(STEPS) --batch-size 8 \
-	  --max-tokens 96 --temperature 1.0 --lr 2e-4 --weight-decay 0.0 --max-minutes $(MINUTES) \
+	  --max-tokens 96 --temperature 1.0 --lr $(LR) --weight-decay 0.0 --max-minutes $(MINUTES) \
 	  --threads $(THREADS) --seed $(SEED) --save-every 20 --out $(OUT)/ttrl
 
 report:
