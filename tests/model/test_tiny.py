@@ -18,7 +18,8 @@ def home(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def shipped():
-    torch.set_num_threads(2)
+    # decoding a 2M model is latency-bound: one thread is as fast and does not stall on a busy machine
+    torch.set_num_threads(1)
     return tiny.load_tiny()
 
 
@@ -74,16 +75,17 @@ def test_batched_decode_matches_the_reference_greedy_loop(shipped):
 def test_shipped_model_solves_a_fair_share_of_the_test_split(shipped):
     model, tok = shipped
     recs = list(tasks.generate("arithmetic", "test", 50, seed=0))
-    acc = tiny.evaluate_tasks(model, tok, recs)
-    assert acc > 0.1
-    easy = [r for r in recs if r["level"] == 1]
-    assert tiny.evaluate_tasks(model, tok, easy) > tiny.evaluate_tasks(model, tok, [r for r in recs
-                                                                                   if r["level"] == 5])
+    outs = tiny.complete(model, tok, recs)
+    ok = [tasks.grade(r, o[0]) for r, o in zip(recs, outs, strict=True)]
+    assert sum(ok) / len(recs) > 0.1
+    by_level = {lv: sum(c for r, c in zip(recs, ok, strict=True) if r["level"] == lv) for lv in (1, 5)}
+    assert by_level[1] > by_level[5]  # the levels are levels
+    assert tiny.evaluate_tasks(model, tok, recs[:10]) == sum(ok[:10]) / 10
 
 
 def test_sampling_is_seeded_and_differs_from_greedy(shipped):
     model, tok = shipped
-    recs = list(tasks.generate("arithmetic", "test", 4, seed=1, level=5))
+    recs = list(tasks.generate("arithmetic", "test", 4, seed=1, level=2))
     a = tiny.complete(model, tok, recs, temperature=1.0, n=3, seed=7)
     b = tiny.complete(model, tok, recs, temperature=1.0, n=3, seed=7)
     assert a == b
