@@ -83,3 +83,21 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 def load_state(path: str | Path) -> dict:
     """The trainer state of a checkpoint (our own pickle: optimizer state, RNG states, recipe state)."""
     return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def load_for_training(name_or_path, *, dtype: str = "float32", device: str = "cpu"):
+    """`load_model` whose parameters own their memory.
+
+    The loader hands out tensors backed by the checkpoint's mmap; a training run that outlives a
+    rewrite of that file (a new checkpoint saved in place, a rebuilt registry model) would then
+    die of SIGBUS on the next page it touches. Returns (model, config).
+    """
+    from cpmtool.model.loader import load_model
+
+    model, config = load_model(name_or_path, dtype=dtype, device=device)
+    with torch.no_grad():
+        for p in model.parameters():  # tied weights are one Parameter: cloned once
+            p.data = p.data.clone()
+        for b in model.buffers():
+            b.data = b.data.clone()
+    return model, config

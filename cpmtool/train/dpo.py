@@ -18,7 +18,13 @@ import torch
 
 from cpmtool.errors import InputError
 from cpmtool.train import losses
-from cpmtool.train.checkpoint import latest_checkpoint, load_state, save_checkpoint, set_rng_states
+from cpmtool.train.checkpoint import (
+    latest_checkpoint,
+    load_for_training,
+    load_state,
+    save_checkpoint,
+    set_rng_states,
+)
 from cpmtool.train.config import DPOConfig, to_dict
 from cpmtool.train.distributed import close_distributed, init_distributed, wrap_ddp
 from cpmtool.train.runlog import MetricsLog, plot_curves, read_metrics, write_run_json
@@ -43,7 +49,6 @@ class DPORecipe:
 
     def setup(self) -> None:
         from cpmtool.io import RunStats, read_records
-        from cpmtool.model.loader import load_model
         from cpmtool.model.tokenizer import load_tokenizer
 
         cfg = self.cfg
@@ -56,9 +61,9 @@ class DPORecipe:
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         ckpt = latest_checkpoint(self.out) if cfg.resume else None
-        self.model, config = load_model(ckpt or cfg.model, dtype=cfg.dtype, device=cfg.device)
+        self.model, config = load_for_training(ckpt or cfg.model, dtype=cfg.dtype, device=cfg.device)
         self.model.train()
-        self.ref = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)[0].eval().requires_grad_(False)
+        self.ref = load_for_training(cfg.model, dtype=cfg.dtype, device=cfg.device)[0].eval().requires_grad_(False)
         self.pad_id = config.pad_token_id or 0
         eos = eos_id(self.tokenizer, config)
         stats = RunStats()

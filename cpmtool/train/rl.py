@@ -40,7 +40,13 @@ import torch
 from cpmtool.errors import ConfigError, InputError
 from cpmtool.train import advantages as adv_fn
 from cpmtool.train import losses
-from cpmtool.train.checkpoint import latest_checkpoint, load_state, save_checkpoint, set_rng_states
+from cpmtool.train.checkpoint import (
+    latest_checkpoint,
+    load_for_training,
+    load_state,
+    save_checkpoint,
+    set_rng_states,
+)
 from cpmtool.train.config import RLConfig, to_dict
 from cpmtool.train.distributed import close_distributed, init_distributed, wrap_ddp
 from cpmtool.train.runlog import MetricsLog, plot_curves, write_run_json
@@ -80,7 +86,6 @@ class RLRecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         from cpmtool.engine.native import NativeEngine
-        from cpmtool.model.loader import load_model
         from cpmtool.model.tokenizer import load_tokenizer
         from cpmtool.rewards import load_reward
 
@@ -103,14 +108,14 @@ class RLRecipe:
         ckpt = latest_checkpoint(self.out) if cfg.resume else None
         if cfg.resume and ckpt is None:
             self.log({"event": "resume", "note": f"no checkpoint in {self.out}/checkpoints; starting afresh"})
-        self.policy, self.model_config = load_model(ckpt or cfg.model, dtype=cfg.dtype, device=cfg.device)
+        self.policy, self.model_config = load_for_training(ckpt or cfg.model, dtype=cfg.dtype, device=cfg.device)
         self.policy.train()
         self.pad_id = self.model_config.pad_token_id or 0
         self.eos = eos_id(self.tokenizer, self.model_config)
         need_ref = cfg.kl_coef > 0 or cfg.algo == "prime"
         self.ref = None
         if need_ref:  # the frozen initial policy, whatever checkpoint the run resumes from
-            self.ref = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)[0].eval().requires_grad_(False)
+            self.ref = load_for_training(cfg.model, dtype=cfg.dtype, device=cfg.device)[0].eval().requires_grad_(False)
         self.engine = NativeEngine(self.policy, self.tokenizer, max_batch=cfg.max_batch)
         self.policy.train()
         self.ddp = wrap_ddp(self.policy, self.dist)

@@ -21,7 +21,13 @@ import torch.nn.functional as F
 
 from cpmtool.errors import InputError
 from cpmtool.train import losses
-from cpmtool.train.checkpoint import latest_checkpoint, load_state, save_checkpoint, set_rng_states
+from cpmtool.train.checkpoint import (
+    latest_checkpoint,
+    load_for_training,
+    load_state,
+    save_checkpoint,
+    set_rng_states,
+)
 from cpmtool.train.config import SFTConfig, to_dict
 from cpmtool.train.distributed import close_distributed, init_distributed, wrap_ddp
 from cpmtool.train.runlog import MetricsLog, plot_curves, read_metrics, write_run_json
@@ -99,7 +105,6 @@ class SFTRecipe:
 
     def setup(self) -> None:
         from cpmtool.io import RunStats, read_records
-        from cpmtool.model.loader import load_model
         from cpmtool.model.tokenizer import load_tokenizer
 
         cfg = self.cfg
@@ -112,7 +117,7 @@ class SFTRecipe:
         torch.manual_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model)
         ckpt = latest_checkpoint(self.out) if cfg.resume else None
-        self.model, config = load_model(ckpt or cfg.model, dtype=cfg.dtype, device=cfg.device)
+        self.model, config = load_for_training(ckpt or cfg.model, dtype=cfg.dtype, device=cfg.device)
         self.model.train()
         self.pad_id = config.pad_token_id or 0
         eos = eos_id(self.tokenizer, config)
