@@ -26,10 +26,11 @@ class ModelError(CpmtoolError):
 class MissingDependencyError(CpmtoolError):
     """An optional dependency is not installed; the message names the pip command."""
 
-    def __init__(self, package: str, extra: str | None = None, purpose: str = ""):
+    def __init__(self, package: str, extra: str | None = None, purpose: str = "", alternative: str = ""):
         hint = f"pip install 'cpmtool[{extra}]'" if extra else f"pip install {package}"
         what = f" (needed for {purpose})" if purpose else ""
-        super().__init__(f"{package} is not installed{what}; run: {hint}")
+        alt = f" ({alternative})" if alternative else ""
+        super().__init__(f"{package} is not installed{what}; run: {hint}{alt}")
         self.package = package
 
 

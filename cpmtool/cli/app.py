@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         _quiet_broken_pipe()
         sys.exit(0)
-    except SystemExit as e:
+    except SystemExit:
         # typer catches EPIPE itself, wraps stdout in PacifyFlushWrapper and exits 1; for a Unix
         # filter a reader that stopped early (`| head`) is success
         if type(sys.stdout).__name__ == "PacifyFlushWrapper":

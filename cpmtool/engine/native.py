@@ -158,20 +158,7 @@ class Scheduler:
         if self.cache is None or not self.running:
             self.cache, self.running = cache, list(seqs)
             return
-        old = self.cache
-        if old.max_len != cache.max_len:
-            small, big = (old, cache) if old.max_len < cache.max_len else (cache, old)
-            _grow(small, big.max_len)
-        old.k = [torch.cat(p) for p in zip(old.k, cache.k, strict=True)]
-        old.v = [torch.cat(p) for p in zip(old.v, cache.v, strict=True)]
-        old.valid = torch.cat([old.valid, cache.valid])
-        old.used = max(old.used, cache.used)
-        for key in set(old.extra) | set(cache.extra):
-            a, b = old.extra.get(key), cache.extra.get(key)
-            if isinstance(a, torch.Tensor):
-                old.extra[key] = torch.cat([a, b])
-            elif isinstance(a, list):
-                old.extra[key] = [torch.cat(p) for p in zip(a, b, strict=True)]
+        self.cache.append_rows(cache)
         self.running += seqs
 
     def _decode(self) -> list[TokenEvent]:
@@ -229,14 +216,6 @@ class Scheduler:
             self.cache.select_rows(torch.tensor(keep, device=self.engine.device))
         else:
             self.cache = None
-
-
-def _grow(cache, max_len: int) -> None:
-    pad = max_len - cache.max_len
-    cache.k = [torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in cache.k]  # (B, Hkv, S, D): pad S
-    cache.v = [torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in cache.v]
-    cache.valid = torch.nn.functional.pad(cache.valid, (0, pad))
-    cache.max_len = max_len
 
 
 class NativeEngine:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cpmtool.engine.native import Scheduler, TokenEvent, _grow, _Seq
+from cpmtool.engine.native import Scheduler, TokenEvent, _Seq
 from cpmtool.engine.sampling import filter_logits
 from cpmtool.errors import ConfigError, ModelError
 
@@ -285,7 +285,7 @@ class ModelDrafter:
         order = [s for s in seqs if id(s) in known]
         if new:
             fresh = self._prefill(new)
-            self.cache = fresh if self.cache is None else _cat_caches(self.cache, fresh)
+            self.cache = fresh if self.cache is None else self.cache.append_rows(fresh)
             order += new
         if [id(s) for s in order] != [id(s) for s in seqs]:
             at = {id(s): i for i, s in enumerate(order)}
@@ -309,24 +309,9 @@ class ModelDrafter:
 
     def _ensure_room(self, last_pos: int) -> None:
         if last_pos >= self.cache.max_len:
-            _grow(self.cache, max(last_pos + 1, self.cache.max_len + 256))
+            self.cache.grow(max(last_pos + 1, self.cache.max_len + 256))
 
 
-def _cat_caches(a, b):
-    """Rows of b appended to a (the draft's version of the scheduler's merge)."""
-    if a.max_len != b.max_len:
-        _grow(a if a.max_len < b.max_len else b, max(a.max_len, b.max_len))
-    a.k = [torch.cat(p) for p in zip(a.k, b.k, strict=True)]
-    a.v = [torch.cat(p) for p in zip(a.v, b.v, strict=True)]
-    a.valid = torch.cat([a.valid, b.valid])
-    a.used = max(a.used, b.used)
-    for key in set(a.extra) | set(b.extra):
-        x, y = a.extra.get(key), b.extra.get(key)
-        if isinstance(x, torch.Tensor):
-            a.extra[key] = torch.cat([x, y])
-        elif isinstance(x, list):
-            a.extra[key] = [torch.cat(p) for p in zip(x, y, strict=True)]
-    return a
 
 
 def layer_prefix(model, n_layers: int):
@@ -429,7 +414,7 @@ class SpecScheduler(Scheduler):
         start = torch.tensor([s.pos for s in seqs], device=dev)  # (B,)
         pos = start[:, None] + torch.arange(width + 1, device=dev)  # (B, W+1)
         if int(pos.max()) >= self.cache.max_len:
-            _grow(self.cache, int(pos.max()) + 1 + k)
+            self.cache.grow(int(pos.max()) + 1 + k)
         logits = self.model(ids, pos, self.cache).float()  # (B, W+1, V)
         params = [s.req.params for s in seqs]
         temp = torch.tensor([p.temperature for p in params])

