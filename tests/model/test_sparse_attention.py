@@ -145,10 +145,11 @@ def test_use_nope_scores_blocks_with_pre_rope_keys():
 def test_training_through_sparse_attention_lowers_the_loss():
     # cpm-tiny's architecture (μP MiniCPM, GQA, its init), shrunk, with sparse attention on 16-token
     # blocks: 95-token rows use far blocks, so the backward runs through the tiled sparse path
-    from cpmtool.model.tiny import RECIPE, init_mup
+    from cpmtool.model.tiny import init_mup
 
     sparse = dict(kernel_size=8, kernel_stride=4, init_blocks=1, block_size=16, window_size=16, topk=2, dense_len=-1)
-    r = RECIPE
+    # MiniCPM-style μP values, fixed here so the test does not follow cpm-tiny's shipped recipe
+    r = dict(num_attention_heads=4, num_key_value_heads=2, scale_emb=12.0, scale_depth=1.4, init_std=0.1)
     cfg = ModelConfig(family="minicpm", vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=r["num_attention_heads"], num_key_value_heads=r["num_key_value_heads"],
                       scale_emb=r["scale_emb"], scale_depth=r["scale_depth"], dim_model_base=16,
