@@ -268,3 +268,14 @@ def train_rl_cmd(
 
     bench_train_rl(model, prompts=prompts, compare=compare or None, batch_size=batch_size, n=n,
                    max_tokens=max_tokens, steps=steps, warmup=warmup, lr=lr, threads=threads or 0, on_row=show)
+
+
+# the quality commands and the suite live in their own modules (bench_quality, bench_all)
+def _register_more() -> None:
+    from cpmtool.cli import bench_quality
+
+    app.command("score")(bench_quality.score_cmd)
+    app.command("eval")(bench_quality.eval_cmd)
+
+
+_register_more()
