@@ -97,8 +97,8 @@ def _normalised(fn: Callable, name: str) -> RewardFn:
 
 def normalise_reward(out, name: str = "reward") -> tuple[float | None, bool | None]:
     """A reward function's return value as (reward, correct): bool -> (1.0/0.0, bool), number ->
-    (float, None), (number, bool) -> as is, None -> (None, None)."""
-    if out is None:
+    (float, None), (number, bool) -> as is, None or (None, None) (cannot grade) -> (None, None)."""
+    if out is None or out == (None, None):
         return None, None
     if isinstance(out, bool):
         return float(out), out

@@ -49,6 +49,7 @@ def test_normalise_reward():
     assert normalise_reward(False) == (0.0, False)
     assert normalise_reward(2) == (2.0, None)
     assert normalise_reward((1, None)) == (1.0, None)
+    assert normalise_reward((None, None)) == (None, None)  # cannot grade (ifeval without instructions)
 
 
 def test_ifeval_is_wired_lazily():
