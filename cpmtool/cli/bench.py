@@ -272,10 +272,11 @@ def train_rl_cmd(
 
 # the quality commands and the suite live in their own modules (bench_quality, bench_all)
 def _register_more() -> None:
-    from cpmtool.cli import bench_quality
+    from cpmtool.cli import bench_all, bench_quality
 
     app.command("score")(bench_quality.score_cmd)
     app.command("eval")(bench_quality.eval_cmd)
+    app.command("all")(bench_all.all_cmd)
 
 
 _register_more()
