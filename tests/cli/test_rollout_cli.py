@@ -131,13 +131,8 @@ def test_flag_errors_are_one_line(tmp_path):
         "cpmtool rollout: error: --chunk-tokens needs --state FILE to keep unfinished trajectories"]
 
 
-@needs_tiny
 @pytest.mark.slow
-# With the final cpm-tiny weights one long trajectory diverged: resuming re-prefills prompt +
-# generated tokens in one pass, whose float32 sums differ from step-by-step decode, and a near-tie
-# argmax flipped. Exact equality holds in tests/data/test_rollout.py on a tiny random model;
-# making resumption bit-exact (reusing the saved KV) is open work on issue 3.
-@pytest.mark.xfail(strict=False, reason="float32 near-tie after re-prefill on cpm-tiny (issue 3)")
+@needs_tiny
 def test_chunked_calls_equal_one_greedy_run(tmp_path):
     src = write(tmp_path / "t.jsonl", list(tasks.generate("arithmetic", "test", 3, seed=2, level=[3, 4, 5])))
     flags = ["--n", 2, "--temperature", 0, "--max-tokens", 48, "--logprobs"]
@@ -160,8 +155,18 @@ def test_chunked_calls_equal_one_greedy_run(tmp_path):
     assert [key(x) for x in got] == [key(x) for x in want]
     assert calls >= 2  # some trajectory needed more than one chunk
     for g, w in zip(got, want, strict=True):
-        assert (g["completion"], g["token_ids"], g["finish_reason"]) == (w["completion"], w["token_ids"],
-                                                                          w["finish_reason"])
+        # Resuming re-prefills prompt + generated tokens in one pass, whose float32 sums differ
+        # from step-by-step decode in the last bits. Token for token equality must hold until a
+        # greedy near-tie: where the two runs first choose differently, each chose a token of
+        # (almost) the same probability, as their logprobs show. Exact equality on every token is
+        # tested on a random model in tests/data/test_rollout.py.
+        a, b = g["token_ids"], w["token_ids"]
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if first is None:
+            assert (g["completion"], a, g["finish_reason"]) == (w["completion"], b, w["finish_reason"])
+        else:
+            assert abs(g["logprobs"][first] - w["logprobs"][first]) < 1e-3, (first, g["logprobs"][first],
+                                                                               w["logprobs"][first])
         assert [c["policy_version"] for c in g["chunks"]] == list(range(len(g["chunks"])))
         assert sum(c["n_tokens"] for c in g["chunks"]) == g["n_tokens"]
 
