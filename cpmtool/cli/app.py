@@ -38,7 +38,7 @@ _COMMANDS: list[tuple[str, str | None, str]] = [
     ("train-rl", "train_rl", "RL on a policy: GRPO/DAPO, PRIME, NFT, LUFFY, TTRL, Clip-Cov/KL-Cov."),
     ("train-sft", "train_sft", "Supervised fine-tuning."),
     ("train-dpo", "train_dpo", "Direct preference optimisation."),
-    ("quantize-ternary", None, "Ternary QAT and 2-bit packing (BitCPM)."),
+    ("quantize-ternary", "quantize_ternary", "Ternary QAT and 2-bit packing (BitCPM)."),
     ("serve", "serve", "OpenAI-compatible HTTP server."),
     ("bench", "bench", "One-command benchmarks: quality and speed."),
 ]

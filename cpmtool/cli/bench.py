@@ -270,6 +270,41 @@ def train_rl_cmd(
                    max_tokens=max_tokens, steps=steps, warmup=warmup, lr=lr, threads=threads or 0, on_row=show)
 
 
+@app.command("ternary")
+def ternary_cmd(
+    model: str = typer.Option("cpm-tiny", "--model", "-m", help="Full-precision model: registry name or HF directory."),
+    ternary: str = typer.Option(None, "--ternary", help="Its ternary version (a quantize-ternary --out/model "
+                                "directory; default: --model ternarised now, same size and speed)."),
+    group_size: int = typer.Option(0, "--group-size", help="Without --ternary: weights per scale (0: per tensor)."),
+    act_bits: int = typer.Option(8, "--act-bits", help="Without --ternary: activation bits, 8 or 16."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Sequences decoded together."),
+    max_tokens: int = typer.Option(64, "--max-tokens", min=2, help="Tokens decoded per sequence."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed runs per model; the best is kept."),
+    kernels: bool = typer.Option(True, "--kernels/--no-kernels", help="Also time the CPU matmul options on the "
+                                 "model's largest linear layer."),
+    clock: str = typer.Option("cpu", "--clock", help="Times for the ratios: cpu (this process's CPU time, robust "
+                              "on a shared machine) or wall."),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+):
+    """Ternary vs fp32 on this CPU: bits per weight, file size against bf16, decode tokens/s and the ratio.
+
+    The table goes to stderr, the record (JSON) to stdout.
+
+    Example: cpmtool bench ternary --model cpm-tiny --ternary runs/ternary/model --threads 1
+    """
+    import orjson
+
+    from cpmtool.bench.ternary import CLOCKS, bench_ternary, format_ternary
+    from cpmtool.errors import ConfigError
+
+    if clock not in CLOCKS:
+        raise ConfigError(f"--clock {clock!r} is not one of: {', '.join(CLOCKS)}")
+    r = bench_ternary(model, ternary=ternary, group_size=group_size, act_bits=act_bits, batch=batch,
+                      max_tokens=max_tokens, repeats=repeats, threads=threads, kernels=kernels, clock=clock)
+    print(format_ternary(r), file=sys.stderr)
+    sys.stdout.write(orjson.dumps(r).decode() + "\n")
+
+
 # the quality commands and the suite live in their own modules (bench_quality, bench_all)
 def _register_more() -> None:
     from cpmtool.cli import bench_all, bench_quality

@@ -95,15 +95,63 @@ def load_model(
 
     with torch.device("meta"):
         model = Transformer(config)
+    if tensors is None:
+        _convert_quantized(model, path)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = _read_state_dict(path, expected, target, device) if tensors is None else tensors
-    state = _check_state_dict(state, expected, config, path, target, device)
+    # parameters take the requested dtype; persistent buffers (packed weights, scales) keep their own
+    fixed = {k: b.dtype for k, b in model.named_buffers() if k in expected}
+    state = _read_state_dict(path, expected, target, device, fixed) if tensors is None else tensors
+    state = _check_state_dict(state, expected, config, path, target, device, fixed)
     model.load_state_dict(state, strict=False, assign=True)  # keys checked above; a tied head is absent
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign replaced the shared parameter
     # non-persistent buffers stayed on meta; RoPE frequencies are kept in fp32 like HF
     model.inv_freq = rope_inv_freq(config).to(device)
     return model.eval(), config
+
+
+_REQUANTIZE = ("re-create it from the full-precision model: cpmtool quantize-ternary --model <full-precision model> "
+               "--out DIR")
+
+
+def quant_format(path: Path) -> dict[str, str]:
+    """The `cpmtool.*` quantization tags in the safetensors header of a model directory ({} when plain)."""
+    from safetensors import safe_open
+
+    file = _shard_files(path)[0]
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            packed = any(k.endswith(".weight_packed") for k in f.keys())
+    except Exception as e:  # safetensors raises its own error types for bad headers/truncation
+        raise ModelError(f"corrupt safetensors file {file}: {_one_line(e)}") from e
+    tags = {k: v for k, v in meta.items() if k.startswith("cpmtool.")}
+    if packed and "cpmtool.quant" not in tags:
+        raise ModelError(f"{file} holds packed weights but no cpmtool.quant format tag; {_REQUANTIZE}")
+    return tags
+
+
+def _convert_quantized(model: Transformer, path: Path) -> None:
+    # a tagged checkpoint gets its runtime layers before the state dict is checked against the model
+    tags = quant_format(path)
+    fmt = tags.get("cpmtool.quant")
+    if fmt is None:
+        return
+    from cpmtool.kernels.ternary_matmul import FORMAT, PackedTernaryLinear
+
+    if fmt != FORMAT:
+        raise ModelError(f"{path} is quantized in format {fmt!r}, which this cpmtool does not read "
+                         f"(known: {FORMAT}); {_REQUANTIZE}")
+    try:
+        group_size, act_bits = int(tags["cpmtool.group_size"]), int(tags["cpmtool.act_bits"])
+    except (KeyError, ValueError) as e:
+        raise ModelError(f"{path}: bad {FORMAT} tags {tags}; {_REQUANTIZE}") from e
+    from cpmtool.model.transformer import block_linears
+
+    for _, parent, attr in block_linears(model):
+        lin = getattr(parent, attr)
+        setattr(parent, attr, PackedTernaryLinear(lin.in_features, lin.out_features, lin.bias is not None,
+                                                  group_size=group_size, act_bits=act_bits, device="meta"))
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -156,7 +204,8 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _read_state_dict(path: Path, expected: dict, dtype: torch.dtype, device: torch.device) -> dict:
+def _read_state_dict(path: Path, expected: dict, dtype: torch.dtype, device: torch.device,
+                     fixed: dict | None = None) -> dict:
     from safetensors import safe_open
 
     state: dict[str, torch.Tensor] = {}
@@ -165,7 +214,7 @@ def _read_state_dict(path: Path, expected: dict, dtype: torch.dtype, device: tor
             with safe_open(file, framework="pt", device="cpu") as f:  # mmap'd; a tensor is read on get
                 for key in f.keys():
                     if key in expected:  # skip tied copies / stray keys without reading them
-                        state[key] = f.get_tensor(key).to(device=device, dtype=dtype)
+                        state[key] = f.get_tensor(key).to(device=device, dtype=(fixed or {}).get(key, dtype))
                     else:
                         state[key] = None  # reported (or ignored) by _check_state_dict
         except ModelError:
@@ -175,7 +224,8 @@ def _read_state_dict(path: Path, expected: dict, dtype: torch.dtype, device: tor
     return state
 
 
-def _check_state_dict(state: dict, expected: dict, config: ModelConfig, path: Path, dtype, device) -> dict:
+def _check_state_dict(state: dict, expected: dict, config: ModelConfig, path: Path, dtype, device,
+                      fixed: dict | None = None) -> dict:
     state = {k: v for k, v in state.items() if not _IGNORED_KEYS.match(k)}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # some checkpoints store the tied copy; the embedding wins
@@ -194,7 +244,7 @@ def _check_state_dict(state: dict, expected: dict, config: ModelConfig, path: Pa
             t = torch.as_tensor(t)
         if tuple(t.shape) != tuple(shape):
             raise ModelError(f"tensor {key} in {path} has shape {tuple(t.shape)}, config.json implies {tuple(shape)}")
-        out[key] = t.to(device=device, dtype=dtype)  # no-op for safetensors (cast on read); gguf tensors
+        out[key] = t.to(device=device, dtype=(fixed or {}).get(key, dtype))  # no-op for safetensors (cast on read); gguf tensors
     return out
 
 
@@ -219,6 +269,7 @@ def save_pretrained(
     out_dir: str | os.PathLike,
     tokenizer=None,
     max_shard_size: int | str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Write `model` as an HF checkpoint directory (what transformers' `from_pretrained` reads).
 
@@ -227,6 +278,8 @@ def save_pretrained(
         out_dir: destination directory; replaced atomically if it already holds a checkpoint.
         tokenizer: an HF tokenizer whose files are saved beside the weights (optional).
         max_shard_size: bytes or "500MB"/"2GB": split into `model-0000i-of-0000n.safetensors` + index.
+        metadata: the safetensors header's string metadata (default {"format": "pt"}); a quantizer
+            tags its format here (`cpmtool.quant`), which `load_model` checks.
 
     Returns:
         out_dir as a Path.
@@ -241,7 +294,8 @@ def save_pretrained(
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # shared with the embedding; safetensors forbids aliases
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    dtype = next(iter(state.values())).dtype
+    dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    metadata = metadata or {"format": "pt"}
     hf = config.to_hf()
     hf["torch_dtype"] = str(dtype).replace("torch.", "")
 
@@ -251,12 +305,12 @@ def save_pretrained(
     try:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
         if len(shards) == 1:
-            save_file(shards[0], tmp / SAFETENSORS, metadata={"format": "pt"})
+            save_file(shards[0], tmp / SAFETENSORS, metadata=metadata)
         else:
             weight_map = {}
             for i, shard in enumerate(shards, 1):
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / name, metadata={"format": "pt"})
+                save_file(shard, tmp / name, metadata=metadata)
                 weight_map.update(dict.fromkeys(shard, name))
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

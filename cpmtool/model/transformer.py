@@ -264,6 +264,19 @@ class _Body(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+def block_linears(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(qualified name, parent module, attribute) of every linear layer inside the blocks: the
+    projections a quantizer swaps (embeddings and the LM head are outside the blocks)."""
+    out = []
+    for name, parent in model.named_modules():
+        if not name.startswith("model.layers."):
+            continue
+        for attr, child in parent.named_children():
+            if isinstance(child, nn.Linear) or hasattr(child, "weight_packed"):
+                out.append((f"{name}.{attr}", parent, attr))
+    return out
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -122,10 +122,11 @@ class SFTRecipe:
         self.pad_id = config.pad_token_id or 0
         eos = eos_id(self.tokenizer, config)
         stats = RunStats()
+        self.eos = eos
         self.examples, self.rejected = [], {}
-        for rec in read_records(cfg.data, stats=stats):
+        for rec in self.records(read_records(cfg.data, stats=stats)):
             try:
-                self.examples.append(sft_example(self.tokenizer, rec, eos, cfg.max_len))
+                self.examples.append(self.example(rec))
             except InputError as e:
                 self.rejected[str(e)] = self.rejected.get(str(e), 0) + 1
         for reason, count in stats.rejected.items():
@@ -155,6 +156,30 @@ class SFTRecipe:
                            rows=len(self.rows), rejected=self.rejected, steps_total=self.total,
                            resumed_from=str(ckpt) if ckpt else None)
 
+    # hooks a recipe built on this one (quantize-ternary's QAT) overrides
+    def records(self, records):
+        """The training records of the data stream (QAT holds some out for evaluation)."""
+        return records
+
+    def example(self, record: dict) -> tuple[list[int], list[int]]:
+        return sft_example(self.tokenizer, record, self.eos, self.cfg.max_len)
+
+    def loss(self, ids, labels, pos) -> tuple[torch.Tensor, dict]:
+        """(mean loss over the labelled tokens of these rows, extra metrics for the step's row)."""
+        logits = self.ddp(ids, pos)  # (B, T, V)
+        loss, _ = losses.sft_loss(logits, labels)
+        return loss, {}
+
+    def lr_at(self, step: int) -> float:
+        cfg = self.cfg
+        return cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+
+    def save_final(self) -> None:
+        from cpmtool.model.loader import save_pretrained
+
+        save_pretrained(self.model, self.out / "model", tokenizer=self.tokenizer)
+        plot_curves(read_metrics(self.metrics.path), self.out / "curves.png", title="train-sft")
+
     def batch(self, step: int) -> list:
         """Rows of optimizer step `step` (1-based): a seeded permutation of the rows per epoch."""
         bs, n = self.cfg.batch_size, len(self.rows)
@@ -173,17 +198,16 @@ class SFTRecipe:
             rows, epoch = self.batch(step)
             n_tok = sum(sum(x != -100 for x in lab) for row in rows for _, lab in row)
             mine = self.dist.shard(rows)
-            lr = cfg.lr * min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            lr = self.lr_at(step)
             for g in self.opt.param_groups:
                 g["lr"] = lr
             self.opt.zero_grad(set_to_none=True)
-            loss_sum = 0.0
+            loss_sum, extra = 0.0, {}
             ctx = packed(self.model) if cfg.pack else contextlib.nullcontext()
             with ctx:
                 if mine:
                     ids, labels, pos = collate(mine, self.pad_id, cfg.device)
-                    logits = self.ddp(ids, pos)  # (B, T, V)
-                    loss, _ = losses.sft_loss(logits, labels)
+                    loss, extra = self.loss(ids, labels, pos)
                     # mean over the labelled tokens of the whole batch, across ranks
                     loss = loss * (labels != -100).sum() / max(n_tok, 1)
                     (loss * self.dist.world).backward()
@@ -195,7 +219,7 @@ class SFTRecipe:
             dt = time.perf_counter() - t0
             row = {"step": step, "epoch": epoch, "loss": self.dist.sum([loss_sum])[0], "tokens": n_tok,
                    "grad_norm": float(gn), "lr": lr, "step_time": round(dt, 3),
-                   "tokens_per_s": round(sum(len(i) for row in rows for i, _ in row) / max(dt, 1e-9), 1)}
+                   "tokens_per_s": round(sum(len(i) for row in rows for i, _ in row) / max(dt, 1e-9), 1), **extra}
             self.metrics.write(row)
             self.log(row)
             last = row
@@ -209,10 +233,7 @@ class SFTRecipe:
             path = save_checkpoint(self.out, self.step, self.model, self.tokenizer,
                                    {"optimizer": self.opt.state_dict()}, keep=self.cfg.keep_checkpoints)
             if final:
-                from cpmtool.model.loader import save_pretrained
-
-                save_pretrained(self.model, self.out / "model", tokenizer=self.tokenizer)
-                plot_curves(read_metrics(self.metrics.path), self.out / "curves.png", title="train-sft")
+                self.save_final()
             self.log({"event": "checkpoint", "path": str(path)})
         self.dist.barrier()
 
