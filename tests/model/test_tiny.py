@@ -35,8 +35,8 @@ def test_shipped_directory_is_a_minicpm_checkpoint():
     assert cfg["num_key_value_heads"] < cfg["num_attention_heads"] and cfg["tie_word_embeddings"]
     assert (d / "model.safetensors").stat().st_size < 40 * 2**20
     card = json.loads((d / "card.json").read_text())
-    # issue 2 asks for 2-10 M parameters; the shipped model has 1.8 M (see card.json and the issue)
-    assert 1_000_000 <= card["params"] <= 10_000_000
+    assert 2_000_000 <= card["params"] <= 10_000_000
+    assert card["params"] == sum(p.numel() for p in tiny.load_tiny()[0].parameters())
     assert 0.2 <= card["eval"]["arithmetic"]["greedy"] <= 0.7
     assert "eval" in card["eval_command"]
 
@@ -85,7 +85,7 @@ def test_shipped_model_solves_a_fair_share_of_the_test_split(shipped):
 
 def test_sampling_is_seeded_and_differs_from_greedy(shipped):
     model, tok = shipped
-    recs = list(tasks.generate("arithmetic", "test", 4, seed=1, level=2))
+    recs = list(tasks.generate("arithmetic", "test", 4, seed=1, level=3))  # level 3: the model is unsure there, samples vary
     a = tiny.complete(model, tok, recs, temperature=1.0, n=3, seed=7)
     b = tiny.complete(model, tok, recs, temperature=1.0, n=3, seed=7)
     assert a == b
