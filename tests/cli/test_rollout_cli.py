@@ -122,10 +122,10 @@ def test_greedy_math_reward_and_rejects_with_line_numbers(tmp_path):
 
 def test_flag_errors_are_one_line(tmp_path):
     src = write(tmp_path / "t.jsonl", [{"prompt": "x"}])
-    r = cli("--reward", "ifeval", src)
+    r = cli("--reward", "nope", src)
     assert r.returncode == 2
     assert r.stderr.decode().splitlines() == [
-        "cpmtool rollout: error: --reward ifeval: not implemented yet (cpmtool.rewards.ifeval has not landed)"]
+        "cpmtool rollout: error: unknown reward 'nope' (valid: math, ifeval, none, or module:function)"]
     r = cli("--chunk-tokens", 8, src)
     assert r.returncode == 2 and r.stderr.decode().splitlines() == [
         "cpmtool rollout: error: --chunk-tokens needs --state FILE to keep unfinished trajectories"]
