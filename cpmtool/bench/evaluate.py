@@ -86,7 +86,7 @@ def evaluate(model: str, data: str = "arithmetic", *, n_prompts: int = 50, level
              n: int = 1, temperature: float = 0.0, max_tokens: int = 256, seed: int = 0, engine: str = "native",
              api_base: str | None = None, api_key: str | None = None, chat: bool = True,
              prompt_field: str = "prompt", max_batch: int = 64, output: str | Path | None = None,
-             progress: bool | None = None) -> list[dict]:
+             threads: int | None = None, progress: bool | None = None) -> list[dict]:
     """Sample `n` completions for each of the first `n_prompts` prompts of `data` and grade them.
 
     Args:
@@ -96,6 +96,7 @@ def evaluate(model: str, data: str = "arithmetic", *, n_prompts: int = 50, level
         n, temperature, max_tokens: sampling.
         chat: plain prompts through the chat template; prompt_field: the prompt field of a file.
         output: keep the sample records in this JSONL file (else a temporary file).
+        threads: torch CPU threads (default: torch's).
         progress: a progress bar on stderr (None: when stderr is a TTY or --progress).
 
     Returns:
@@ -106,6 +107,10 @@ def evaluate(model: str, data: str = "arithmetic", *, n_prompts: int = 50, level
     from cpmtool.io import progress_enabled
 
     prompts = eval_prompts(data, n_prompts, level=level, seed=seed, prompt_field=prompt_field)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="cpmtool-eval-") as tmp:
         src = Path(tmp) / "prompts.jsonl"
         src.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in prompts))

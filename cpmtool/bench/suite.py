@@ -172,6 +172,21 @@ def _eval_headline(rows):
     return f"{r['model']}: accuracy {_pct(r['accuracy'])} on {r['prompts']} prompts, {r['samples']} samples"
 
 
+def _ternary_table(rows):
+    r = rows[0]
+    g = r.get
+    return (["model", "decode tokens/s", "file bytes", "bits per weight"],
+            [["fp32", _cell(g("decode_tok_s_fp32")), _cell(g("file_bytes_model")), "32"],
+             ["ternary", _cell(g("decode_tok_s_ternary")), _cell(g("file_bytes_ternary")), _cell(g("bits_per_weight"))],
+             ["ternary / fp32", _cell(g("decode_speed_vs_fp32")), _cell(g("size_vs_model_file")), ""]])
+
+
+def _ternary_headline(rows):
+    r = rows[0]
+    return (f"{r.get('model')}: {r.get('bits_per_weight')} bits/weight, file {100 * r['size_vs_bf16']:.1f}% of bf16, "
+            f"decode **{r.get('decode_speed_vs_fp32')}x** fp32")
+
+
 def generic_table(rows: list[dict]) -> Table:
     """Every scalar field of every row: the fallback for a benchmark the suite has no reader for."""
     keys: list[str] = []
@@ -237,7 +252,8 @@ def default_suite(*, quick: bool = False, threads: int | None = None,
 
     suite.append(SubBench("speed", ["--launch", "--model", "cpm-tiny" if quick else "smollm2-135m"]
                           + (["--num-prompts", "8", "--concurrency", "4", "--input-len", "16", "--output-len", "16"]
-                             if quick else []),
+                             if quick else [])
+                          + (["--serve-args", f"--threads {threads}"] if threads else []),
                           "cpmtool serve under load (vLLM's serving benchmark metrics)", _speed_table,
                           _speed_headline,
                           lambda rows: ("ms", {f"{p} {m.upper()}": rows[0].get(f"{p}_{m}_ms") or 0
@@ -246,14 +262,23 @@ def default_suite(*, quick: bool = False, threads: int | None = None,
     suite.append(SubBench("eval", ["--model", "cpm-tiny", "--data", "arithmetic", "--level", "1", "--level", "2",
                                    "--level", "3"]
                           + (["--n-prompts", "10", "--max-tokens", "96"] if quick else
-                             ["--n-prompts", "200", "--n", "8", "--temperature", "1", "--max-tokens", "160"]),
+                             ["--n-prompts", "200", "--n", "8", "--temperature", "1", "--max-tokens", "160"]) + t,
                           "cpm-tiny on the arithmetic test split (levels 1-3)", _eval_table, _eval_headline))
 
-    ternary = SubBench("ternary", [], "ternary (BitCPM) vs dense")
+    ternary = SubBench("ternary", [], "ternary (BitCPM) vs full precision", _ternary_table, _ternary_headline,
+                       lambda rows: ("decode tokens/s", {"fp32": rows[0]["decode_tok_s_fp32"],
+                                                         "ternary": rows[0]["decode_tok_s_ternary"]}))
     if "ternary" not in commands:
         ternary.skip = "`cpmtool bench ternary` is not in this build yet"
-    elif quick and "--quick" in commands["ternary"]:
-        ternary.args = ["--quick"]
+    else:  # its flags are its own: pass only the ones it has
+        opts = commands["ternary"]
+        if quick and "--quick" in opts:
+            ternary.args = ["--quick"]
+        elif quick:
+            ternary.args = [x for flag, v in (("--max-tokens", "16"), ("--repeats", "1")) if flag in opts
+                            for x in (flag, v)]
+        if threads and "--threads" in opts:
+            ternary.args += t
     suite.append(ternary)
     return suite
 
@@ -452,7 +477,7 @@ def render_report(suite: list[SubBench], outcomes: list[Outcome], machine: dict,
             parts += [""]
         if pngs.get(b.name):
             parts += [f"![{b.name}]({pngs[b.name]})", ""]
-    return "\n".join(parts)
+    return "\n".join(parts).rstrip("\n") + "\n"
 
 
 def _plot(b: SubBench, o: Outcome, d: Path, log: Callable[[str], None]) -> str | None:

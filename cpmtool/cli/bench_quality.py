@@ -86,6 +86,7 @@ def eval_cmd(
     prompt_field: str = typer.Option("prompt", "--prompt-field", help="Prompt field of a --data FILE."),
     max_batch: int = typer.Option(64, "--max-batch", help="Sequences decoded together (native)."),
     output: str = typer.Option(None, "--output", "-o", help="Keep the sample records in this JSONL file."),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
     k: str = typer.Option(None, "--k", help="k of pass@k and maj@k (default 1,2,4,... up to n)."),
     budgets: str = typer.Option(None, "--budgets", help="Token budgets, comma-separated."),
     plot: str = typer.Option(None, "--plot", help="Write PNG plots to this directory."),
@@ -102,5 +103,6 @@ def eval_cmd(
 
     samples = evaluate(model, data, n_prompts=n_prompts, level=level or None, n=n, temperature=temperature,
                        max_tokens=max_tokens, seed=seed, engine=engine, api_base=api_base, api_key=api_key,
-                       chat=chat, prompt_field=prompt_field, max_batch=max_batch, output=output)
+                       chat=chat, prompt_field=prompt_field, max_batch=max_batch, output=output,
+                       threads=threads)
     _report({model: samples}, by="model", ks=k, budgets=budgets, plot=plot)

@@ -197,14 +197,13 @@ def _tiny_installed() -> bool:
 
 
 @pytest.mark.skipif(not _tiny_installed(), reason="cpm-tiny weights are not built")
-def test_eval_cli_on_cpm_tiny_matches_grading_its_samples(tmp_path, monkeypatch):
+def test_eval_cli_on_cpm_tiny_matches_grading_its_samples(tmp_path):
     from cpmtool.rewards.math import math_reward
 
-    monkeypatch.setenv("CPMTOOL_THREADS", "1")
     out = tmp_path / "samples.jsonl"
     r = subprocess.run([*CPMTOOL, "bench", "eval", "--model", "cpm-tiny", "--data", "arithmetic", "--level", "1",
                         "--n-prompts", "4", "--n", "2", "--temperature", "1", "--seed", "0", "--max-tokens", "64",
-                        "--budgets", "40", "-o", str(out)], capture_output=True, timeout=600)
+                        "--budgets", "40", "--threads", "1", "-o", str(out)], capture_output=True, timeout=600)
     assert r.returncode == 0, r.stderr.decode()
     (row,) = [orjson.loads(x) for x in r.stdout.splitlines()]
     samples = [orjson.loads(x) for x in out.read_bytes().splitlines()]

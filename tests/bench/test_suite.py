@@ -54,6 +54,9 @@ def test_default_suite_detects_optional_parts():
     tern = default_suite(quick=True, commands={"ternary": {"--quick", "--model"}})[-1]
     assert tern.skip is None and tern.args == ["--quick"]
     assert default_suite(quick=False, commands={"ternary": {"--quick"}})[-1].args == []
+    # no --quick of its own: the smoke sizes go through the flags it has
+    tern = default_suite(quick=True, threads=1, commands={"ternary": {"--max-tokens", "--threads"}})[-1]
+    assert tern.args == ["--max-tokens", "16", "--threads", "1"]
     try:
         import vllm  # noqa: F401
     except ImportError:
