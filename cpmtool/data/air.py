@@ -64,8 +64,8 @@ SCALE = (1.0, 10.0)
 # best, so this one is short. Asking for the score first and the reason after is a departure from
 # "rationale, then score": small judges (smollm2-135m) lose the format after a long rationale.
 POINTWISE_TEMPLATE = """\
-Rate the response to the instruction from 1 (useless or wrong) to 10 (helpful, correct and \
-complete). Give the rating as "Score: N", then one sentence of reason.
+Rate the response to the instruction on a scale from 1 (useless or wrong) to 10 (helpful, \
+correct and complete). Start your answer with "Score:" and the number, then give one sentence of reason.
 
 [Instruction]
 {instruction}
