@@ -32,7 +32,7 @@ _state = {"debug": False}
 _COMMANDS: list[tuple[str, str | None, str]] = [
     ("models", "models", "List, pull, inspect and export models (cpm-tiny, smollm2-135m, local dirs, GGUF)."),
     ("clean", "clean", "Filter, dedupe and score pre-training documents (UltraClean)."),
-    ("synth-if", None, "Synthesise instruction-following data (UltraIF)."),
+    ("synth-if", "synth_if", "Synthesise instruction-following data (UltraIF)."),
     ("annotate-pref", "annotate_pref", "Build preference pairs by point-wise judging (AIR)."),
     ("rollout", "rollout", "Sample completions, score them with verifiers or majority vote."),
     ("train-rl", "train_rl", "RL on a policy: GRPO/DAPO, PRIME, NFT, LUFFY, TTRL, Clip-Cov/KL-Cov."),
