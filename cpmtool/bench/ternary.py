@@ -129,7 +129,8 @@ def bench_ternary(model: str = "cpm-tiny", *, ternary: str | None = None, group_
         if not layers or not all(isinstance(m, PackedTernaryLinear) for m in layers):
             raise ModelError(f"{ternary} is not a ternary model (make one with: cpmtool quantize-ternary)")
         n_w = sum(m.in_features * m.out_features for m in layers)
-        q_bytes = sum(m.weight_packed.numel() + 4 * m.weight_scale.numel() for m in layers)
+        q_bytes = sum(m.weight_packed.numel() + m.weight_scale.numel() * m.weight_scale.element_size()
+                      for m in layers)
         n_params = sum(p.numel() for p in fp.parameters())
         rec = {
             "model": str(model), "ternary": str(ternary), "group_size": layers[0].group_size,

@@ -35,16 +35,22 @@ ACT_BITS = (8, 16)
 
 
 def weight_scale(w: torch.Tensor, group_size: int = 0) -> torch.Tensor:
-    """Absmean scale of w (N, K): (1, 1) per tensor (group_size 0) or (N, K/group_size) per group."""
+    """Absmean scale of w (N, K): (1, 1) per tensor (group_size 0) or (N, K/group_size) per group.
+
+    Rounded to bf16 (bitnet stores its scales as bf16), so QAT sees exactly the scales the file
+    holds; returned as float32.
+    """
     if not group_size:
-        return w.detach().abs().mean().clamp(min=1e-5).reshape(1, 1)
-    n, k = w.shape
-    return w.detach().abs().view(n, k // group_size, group_size).mean(-1).clamp(min=1e-5)
+        s = w.detach().float().abs().mean().clamp(min=1e-5).reshape(1, 1)
+    else:
+        n, k = w.shape
+        s = w.detach().float().abs().view(n, k // group_size, group_size).mean(-1).clamp(min=1e-5)
+    return s.to(torch.bfloat16).float()
 
 
 def weight_quant(w: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 (N, K) in {-1, 0, 1}, float32 scale) of w (N, K)."""
-    s = weight_scale(w, group_size).float()
+    s = weight_scale(w, group_size)
     n, k = w.shape
     q = (w.detach().float().view(n, s.shape[-1], -1) / s[..., None]).round().clamp(-1, 1)  # (N, G, K/G)
     return q.view(n, k).to(torch.int8), s
@@ -132,7 +138,7 @@ class Ternary:
             q, s = weight_quant(lin.weight, self.group_size)
             del state[f"{name}.weight"]
             state[f"{name}.weight_packed"] = pack_ternary(q)
-            state[f"{name}.weight_scale"] = s
+            state[f"{name}.weight_scale"] = s.to(torch.bfloat16)  # exact: the scale is bf16-rounded
         return state
 
     def convert_for_runtime(self, model: nn.Module) -> nn.Module:
@@ -187,12 +193,12 @@ def file_bytes(path: str | os.PathLike) -> int:
 def ternary_stats(model: nn.Module, scheme: Ternary) -> dict:
     """Weight counts and storage of a model's block linears under `scheme`, and of the bf16 model.
 
-    bits_per_weight counts the packed codes and their float32 scales over the quantised weights.
+    bits_per_weight counts the packed codes and their bf16 scales over the quantised weights.
     """
     linears = [getattr(p, a) for _, p, a in block_linears(model)]
     n_q = sum(m.in_features * m.out_features for m in linears)
     q_bytes = sum(m.out_features * -(-m.in_features // 4) for m in linears)
-    s_bytes = sum(4 * (m.out_features * m.in_features // scheme.group_size if scheme.group_size else 1)
+    s_bytes = sum(2 * (m.out_features * m.in_features // scheme.group_size if scheme.group_size else 1)
                   for m in linears)
     n_all = sum(p.numel() for p in model.parameters())
     n_kept = n_all - n_q

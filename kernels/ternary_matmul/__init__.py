@@ -7,8 +7,8 @@ BitCPM), per-token absmax activations.
 
 `PackedTernaryLinear` is the runtime layer `load_model` builds for a "ternary-2bit-v1" checkpoint.
 Departures from bitnet: packing is along K within each output row (bitnet's I2_S interleaves
-128-weight blocks, its GPU format permutes 16x32 tiles), scales are float32 (bitnet: one bf16 per
-projection), and `act_bits=16` means float activations (W2A16) rather than a 16-bit integer grid.
+128-weight blocks, its GPU format permutes 16x32 tiles), scales may be per group (bitnet: one bf16
+per projection; both bf16), and `act_bits=16` means float activations (W2A16) rather than a 16-bit integer grid.
 """
 
 import torch
@@ -34,7 +34,7 @@ def ternary_matmul(x, packed, scale, in_features: int, act_bits: int = 8, bias=N
 
 class PackedTernaryLinear(nn.Module):
     """A linear layer over packed ternary weights: buffers `weight_packed` (N, ceil(K/4)) uint8 and
-    `weight_scale` (N, K/group_size) float32, or (1, 1) per tensor (group_size 0)."""
+    `weight_scale` (N, K/group_size) bf16, or (1, 1) per tensor (group_size 0)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, group_size: int = 0,
                  act_bits: int = 8, device=None, dtype=None):
@@ -46,7 +46,7 @@ class PackedTernaryLinear(nn.Module):
         scale_shape = (out_features, in_features // group_size) if group_size else (1, 1)
         self.register_buffer("weight_packed", torch.full((out_features, -(-in_features // 4)), 0x55,
                                                          dtype=torch.uint8, device=device))
-        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.bfloat16, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self._cache = DenseCache()
 

@@ -39,9 +39,26 @@ class DenseCache:
         return self.weight
 
 
+class _LastInput:
+    # q/k/v read the same normed hidden states, and so do gate/up: quantise them once. The entry
+    # holds the input tensor itself, so an identity match cannot be a freed tensor's reused memory.
+    x = out = None
+    version = bits = -1
+
+
+def act_quant_shared(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """`act_quant` in x's dtype, reusing the last result when called again on the same unmodified tensor."""
+    last = _LastInput
+    if x is last.x and x._version == last.version and bits == last.bits:
+        return last.out
+    out = act_quant(x.float(), bits).to(x.dtype)
+    last.x, last.version, last.bits, last.out = x, x._version, bits, out
+    return out
+
+
 def ternary_matmul_cpu(x, packed, scale, in_features: int, act_bits: int = 8, bias=None,
                        cache: DenseCache | None = None) -> torch.Tensor:
     """y (..., N) in x's dtype, through the cached dense weight (built now when no cache is given)."""
     w = (cache or DenseCache()).get(packed, scale, in_features, x.dtype)
-    xq = act_quant(x.float(), act_bits).to(x.dtype) if act_bits < 16 else x
+    xq = act_quant_shared(x, act_bits) if act_bits < 16 else x
     return F.linear(xq, w, None if bias is None else bias.to(x.dtype))

@@ -2,7 +2,8 @@
 
 Format "ternary-2bit-v1": weight W (N, K) in {-1, 0, +1}, stored as codes w + 1 in {0, 1, 2},
 4 per byte along K (byte j of row n holds k = 4j + i at bits 2i, i = 0..3; the tail is padded with
-code 1 = zero), packed (N, ceil(K/4)) uint8, plus scales (N, K/group) float32 or (1, 1) per tensor.
+code 1 = zero), packed (N, ceil(K/4)) uint8, plus scales (N, K/group) bf16 or (1, 1) per tensor
+(any float dtype is accepted here; the math runs in float32).
 """
 
 import torch

@@ -89,3 +89,16 @@ def test_module_state_dict_and_forward():
     torch.testing.assert_close(lin(x), ref.ternary_matmul(x, lin.weight_packed, lin.weight_scale, 10, 8, lin.bias))
     with pytest.raises(ValueError, match="group_size"):
         PackedTernaryLinear(10, 3, group_size=4)
+
+
+def test_shared_activation_quant_recomputes_after_changes():
+    from cpmtool.kernels.ternary_matmul.cpu import act_quant_shared
+
+    x = torch.tensor([[1.0, -0.5, 0.26]])
+    a = act_quant_shared(x, 8)
+    assert act_quant_shared(x, 8) is a  # the same tensor again (q, k, v projections)
+    x.mul_(2.0)  # an in-place change bumps the version: recomputed
+    torch.testing.assert_close(act_quant_shared(x, 8), act_quant(x, 8))
+    y = x.clone()  # equal values, another tensor: recomputed, same result
+    assert act_quant_shared(y, 8) is not a and torch.equal(act_quant_shared(y, 8), act_quant(x, 8))
+    assert not torch.equal(act_quant_shared(x, 4), act_quant(x, 8))  # the bit width is part of the key

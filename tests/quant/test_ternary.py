@@ -22,27 +22,34 @@ from cpmtool.quant.ternary import (
     weight_scale,
 )
 
-W = torch.tensor([[0.3, -0.6, 0.05, 1.0], [0.0, 0.1, -0.2, 0.1]])
+# entries and group means are exact in bf16, so the bf16 rounding of the scales changes nothing here
+W = torch.tensor([[0.375, -0.625, 0.0625, 0.9375], [0.0, 0.125, -0.25, 0.125]])
 
 
 def test_absmean_per_tensor_by_hand():
-    # mean|W| = (0.3 + 0.6 + 0.05 + 1.0 + 0 + 0.1 + 0.2 + 0.1) / 8 = 2.35 / 8 = 0.29375
-    torch.testing.assert_close(weight_scale(W), torch.tensor([[0.29375]]))
+    # mean|W| = (0.375 + 0.625 + 0.0625 + 0.9375 + 0 + 0.125 + 0.25 + 0.125) / 8 = 2.5 / 8 = 0.3125
+    torch.testing.assert_close(weight_scale(W), torch.tensor([[0.3125]]))
     q, s = weight_quant(W)
-    # W / s = [1.02, -2.04, 0.17, 3.40 | 0, 0.34, -0.68, 0.34] -> round, clamp to [-1, 1]
+    # W / s = [1.2, -2.0, 0.2, 3.0 | 0, 0.4, -0.8, 0.4] -> round, clamp to [-1, 1]
     assert q.dtype == torch.int8 and q.tolist() == [[1, -1, 0, 1], [0, 0, -1, 0]]
-    torch.testing.assert_close(fake_quant_weight(W), q.float() * 0.29375)
+    torch.testing.assert_close(fake_quant_weight(W), q.float() * 0.3125)
 
 
 def test_absmean_per_group_by_hand():
     s = weight_scale(W, group_size=2)
-    # groups: (0.3, -0.6) 0.45; (0.05, 1.0) 0.525; (0, 0.1) 0.05; (-0.2, 0.1) 0.15
-    torch.testing.assert_close(s, torch.tensor([[0.45, 0.525], [0.05, 0.15]]))
+    # groups: (0.375, -0.625) 0.5; (0.0625, 0.9375) 0.5; (0, 0.125) 0.0625; (-0.25, 0.125) 0.1875
+    torch.testing.assert_close(s, torch.tensor([[0.5, 0.5], [0.0625, 0.1875]]))
     q, _ = weight_quant(W, group_size=2)
-    # [0.67, -1.33, 0.10, 1.90 | 0, 2.0, -1.33, 0.67]
+    # [0.75, -1.25, 0.125, 1.875 | 0, 2.0, -1.33, 0.67]
     assert q.tolist() == [[1, -1, 0, 1], [0, 1, -1, 1]]
-    torch.testing.assert_close(fake_quant_weight(W, 2), torch.tensor([[0.45, -0.45, 0.0, 0.525],
-                                                                      [0.0, 0.05, -0.15, 0.15]]))
+    torch.testing.assert_close(fake_quant_weight(W, 2), torch.tensor([[0.5, -0.5, 0.0, 0.5],
+                                                                      [0.0, 0.0625, -0.1875, 0.1875]]))
+
+
+def test_scale_is_rounded_to_bf16():
+    # mean 0.29375 = 1.0010110011..b x 2^-2; bf16 keeps 8 significant bits -> 1.0010110b x 2^-2 = 0.29296875
+    w = torch.tensor([[0.3, -0.6, 0.05, 1.0], [0.0, 0.1, -0.2, 0.1]])
+    assert weight_scale(w).item() == 0.29296875
 
 
 def test_zero_tensor_scale_is_clamped():
@@ -64,7 +71,7 @@ def test_ste_gradient_is_identity():
     torch.testing.assert_close(y, xq @ wq.T)
     y.backward(g)
     # the STE passes the gradient straight through both quantisers: dL/dW = g^T xq for every weight,
-    # also those clamped to +-1 (W[0, 3] / s = 3.4, W[1, 2] / s = -0.68 -> -1), and dL/dx = g Wq
+    # also those clamped to +-1 (W[0, 3] / s = 3.0, W[0, 1] / s = -2.0), and dL/dx = g Wq
     torch.testing.assert_close(lin.weight.grad, g.T @ xq)
     torch.testing.assert_close(x.grad, g @ wq)
 
@@ -80,11 +87,14 @@ def test_scheme_flags_and_group_check():
 def test_qat_swap_keeps_embeddings_head_and_parameters():
     model, cfg = load_model("cpm-tiny")
     before = {n: p for n, p in model.named_parameters()}
-    Ternary(64, 8).convert_for_qat(model)
+    Ternary(32, 8).convert_for_qat(model)
     swapped = [getattr(p, a) for _, p, a in block_linears(model)]
     assert len(swapped) == 7 * cfg.num_hidden_layers and all(isinstance(m, TernaryLinear) for m in swapped)
     assert type(model.lm_head) is nn.Linear and type(model.model.embed_tokens) is nn.Embedding
     assert {n: p for n, p in model.named_parameters()} == before  # same names, same Parameter objects
+
+
+GROUP = 32  # divides every input size of cpm-tiny (hidden 224, MLP 672)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +102,7 @@ def packed_tiny(tmp_path_factory):
     from cpmtool.model.tokenizer import load_tokenizer
 
     model, _ = load_model("cpm-tiny")
-    scheme = Ternary(64, 8)
+    scheme = Ternary(GROUP, 8)
     scheme.convert_for_qat(model)
     out = save_ternary(model, tmp_path_factory.mktemp("t") / "tiny-ternary", scheme,
                        tokenizer=load_tokenizer("cpm-tiny"), keep_dtype="float32")
@@ -103,16 +113,16 @@ def test_packed_file_round_trip(packed_tiny):
     qat, out = packed_tiny
     loaded, _ = load_model(out)
     layers = [getattr(p, a) for _, p, a in block_linears(loaded)]
-    assert all(isinstance(m, PackedTernaryLinear) and m.group_size == 64 for m in layers)
-    assert layers[0].weight_packed.dtype == torch.uint8 and layers[0].weight_scale.dtype == torch.float32
+    assert all(isinstance(m, PackedTernaryLinear) and m.group_size == GROUP for m in layers)
+    assert layers[0].weight_packed.dtype == torch.uint8 and layers[0].weight_scale.dtype == torch.bfloat16
     ids = torch.tensor([[1, 40, 41, 42, 43, 44, 45]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), qat(ids), atol=1e-4, rtol=1e-4)
-    assert quant_format(out) == {"cpmtool.quant": "ternary-2bit-v1", "cpmtool.group_size": "64",
+    assert quant_format(out) == {"cpmtool.quant": "ternary-2bit-v1", "cpmtool.group_size": str(GROUP),
                                  "cpmtool.act_bits": "8"}
-    # bf16 model: 2 bytes a weight; packed: 2 bits + a float32 scale per 64 weights, kept tensors float32
-    stats = ternary_stats(qat, Ternary(64, 8))
-    assert stats["bits_per_weight"] == pytest.approx(2 + 32 / 64)
+    # bf16 model: 2 bytes a weight; packed: 2 bits + a bf16 scale per GROUP weights, kept tensors float32
+    stats = ternary_stats(qat, Ternary(GROUP, 8))
+    assert stats["bits_per_weight"] == pytest.approx(2 + 16 / GROUP)
     kept = 4 * stats["kept_weights"]
     assert file_bytes(out) == pytest.approx(stats["packed_weight_bytes"] + kept, rel=0.01)
     assert file_bytes(out) < stats["bf16_bytes"] / 4
