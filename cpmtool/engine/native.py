@@ -62,6 +62,29 @@ class TokenEvent:
     seq: _Seq
 
 
+# Prompts prefilled together are right-padded to the longest; a group is closed when padding
+# would exceed this share of its real tokens (vLLM packs variable-length prompts instead, which
+# needs a varlen attention kernel; bucketing gets most of the saving with the dense one).
+PREFILL_PAD_WASTE = 0.25
+
+
+def _length_groups(batch: list[_Req]) -> list[list[_Req]]:
+    """Split an admission into prefill groups of similar prompt length (shortest first)."""
+    groups: list[list[_Req]] = []
+    cur: list[_Req] = []
+    real = 0
+    for r in sorted(batch, key=lambda r: len(r.prompt_ids)):
+        n = len(r.prompt_ids)  # the longest so far: the group's padded width if r joins
+        if cur and n * (len(cur) + 1) > (1 + PREFILL_PAD_WASTE) * (real + n):
+            groups.append(cur)
+            cur, real = [], 0
+        cur.append(r)
+        real += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
 class Scheduler:
     """Continuous batching over one model. Not thread-safe: drive it from one thread."""
 
@@ -130,8 +153,12 @@ class Scheduler:
             req = self.waiting.popleft()
             batch.append(req)
             room -= req.params.n
-        if not batch:
-            return []
+        events: list[TokenEvent] = []
+        for group in _length_groups(batch):
+            events += self._prefill(group)
+        return events
+
+    def _prefill(self, batch: list[_Req]) -> list[TokenEvent]:
         lens = [len(r.prompt_ids) for r in batch]
         t = max(lens)
         dev = self.engine.device

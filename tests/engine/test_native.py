@@ -140,3 +140,16 @@ def test_smollm2_greedy_matches_transformers(smollm2_tokenizer):
         with torch.no_grad():
             want = ref.generate(torch.tensor([r.prompt_ids]), generation_config=gc)[0, len(r.prompt_ids):].tolist()
         assert c.token_ids == want
+
+
+def test_prefill_groups_bound_the_padding():
+    from types import SimpleNamespace
+
+    from cpmtool.engine.native import _length_groups
+
+    reqs = [SimpleNamespace(prompt_ids=[0] * n) for n in (41, 10, 100, 12, 40, 11)]
+    groups = [[len(r.prompt_ids) for r in g] for g in _length_groups(reqs)]
+    # by hand: 12 joins 10, 11 (36 padded <= 1.25 * 33 real); 40 would pad 160 > 1.25 * 73; 41 joins
+    # 40 (82 <= 101.25); 100 would pad 300 > 1.25 * 181
+    assert groups == [[10, 11, 12], [40, 41], [100]]
+    assert _length_groups([]) == []
