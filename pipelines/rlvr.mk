@@ -3,14 +3,32 @@
 # at the last step of metrics.jsonl).
 #
 #   make -f pipelines/rlvr.mk grpo      # the "it must learn" run: <= MINUTES (10) of GRPO on 2 cores
-#   make -f pipelines/rlvr.mk all       # grpo prime nft luffy clip-cov kl-cov, then report
+#   make -f pipelines/rlvr.mk all       # grpo prime nft luffy clip-cov kl-cov, then report and bench
 #   make -f pipelines/rlvr.mk report    # one JSON line per run: accuracy before/after, steps, minutes, load
 #   make -f pipelines/rlvr.mk fit       # entropy-performance fit R = -a e^H + b of each run
+#   make -f pipelines/rlvr.mk bench     # bench eval of the base model and of each run's model, then bench score
+#   make -f pipelines/rlvr.mk FAST=1 all  # smoke run (tests/pipelines): 2 GRPO steps on tiny sizes, into out/rlvr-fast
 #
 # Every run stops by itself when another step and the final evaluation would not fit in MINUTES
 # (--max-minutes), so wall time on a busy machine costs steps, never the budget. The rollout uses
 # the training module itself (no reload). THREADS=2 is the 2-core budget; on a machine shared
 # with other jobs THREADS=1 avoids thread stragglers and is faster.
+
+# FAST=1: the whole recipe at smoke-test sizes (GRPO only); set before the defaults below, which
+# `?=` then leaves alone
+ifeq ($(FAST),1)
+OUT     ?= out/rlvr-fast
+STEPS   ?= 2
+TRAIN_N ?= 16
+TEST_N  ?= 8
+ALGOS   ?= grpo
+BATCH   ?= 2
+GROUP   ?= 4
+MAXTOK  ?= 48
+EVAL_N  ?= 2
+THREADS ?= 1
+LEVELS  ?= --level 1
+endif
 
 PYTHON  ?= .venv/bin/python
 CPMTOOL ?= $(PYTHON) -m cpmtool
@@ -27,13 +45,19 @@ TEST_N  ?= 200
 # reports greedy accuracy on those)
 LEVELS  ?= --level 1 --level 2 --level 3
 TEST_LEVELS ?= $(LEVELS)
+ALGOS   ?= grpo prime nft luffy clip-cov kl-cov
+BATCH   ?= 8
+GROUP   ?= 8
+MAXTOK  ?= 96
+# samples per test prompt in `bench` (pass@k, maj@k)
+EVAL_N  ?= 8
 
 # the GRPO recipe shared by the runs: 8 prompts x 8 samples, T = 1, one on-policy update per step
 RL = $(CPMTOOL) --progress train-rl --model $(MODEL) --prompts $(OUT)/train.jsonl --eval-prompts $(OUT)/test.jsonl \
-     --steps $(STEPS) --batch-size 8 --n 8 --max-tokens 96 --temperature 1.0 --lr $(LR) --weight-decay 0.0 \
+     --steps $(STEPS) --batch-size $(BATCH) --n $(GROUP) --max-tokens $(MAXTOK) --temperature 1.0 --lr $(LR) --weight-decay 0.0 \
      --max-minutes $(MINUTES) --threads $(THREADS) --seed $(SEED) --save-every 20
 
-.PHONY: data grpo prime nft luffy clip-cov kl-cov dapo all report fit clean
+.PHONY: data grpo prime nft luffy clip-cov kl-cov dapo all report fit bench clean
 
 data: $(OUT)/train.jsonl $(OUT)/test.jsonl
 
@@ -71,7 +95,7 @@ kl-cov: data
 	$(RL) --algo grpo --entropy-control kl-cov --kl-cov-ratio 0.002 --ppo-kl-coef 1 --mini-batch-size 4 \
 	      --out $(OUT)/kl-cov
 
-all: grpo prime nft luffy clip-cov kl-cov report
+all: $(ALGOS) report bench
 
 report:
 	$(CPMTOOL) train-rl report $(patsubst %/run.json,%,$(wildcard $(OUT)/*/run.json))
@@ -79,6 +103,17 @@ report:
 fit:
 	for d in $(patsubst %/metrics.jsonl,%,$(wildcard $(OUT)/*/metrics.jsonl)); do \
 	  $(CPMTOOL) train-rl fit-entropy $$d/metrics.jsonl || true; done
+
+# the base model and every trained model on the test split, EVAL_N samples each at T = 1; one
+# `bench score` table compares them (rows named eval-base, eval-grpo, ...; plots in $(OUT)/plots)
+bench: data
+	$(CPMTOOL) bench eval --model $(MODEL) --data $(OUT)/test.jsonl --n-prompts $(TEST_N) --n $(EVAL_N) \
+	  --temperature 1.0 --max-tokens $(MAXTOK) --seed $(SEED) --threads $(THREADS) -o $(OUT)/eval-base.jsonl > /dev/null
+	for d in $(patsubst %/model/config.json,%,$(wildcard $(OUT)/*/model/config.json)); do \
+	  $(CPMTOOL) bench eval --model $$d/model --data $(OUT)/test.jsonl --n-prompts $(TEST_N) --n $(EVAL_N) \
+	    --temperature 1.0 --max-tokens $(MAXTOK) --seed $(SEED) --threads $(THREADS) \
+	    -o $(OUT)/eval-$$(basename $$d).jsonl > /dev/null || exit 1; done
+	$(CPMTOOL) bench score $(OUT)/eval-*.jsonl --budgets 32,64,$(MAXTOK) --plot $(OUT)/plots > $(OUT)/bench.jsonl
 
 clean:
 	rm -rf $(OUT)
