@@ -227,17 +227,64 @@ class CachedEngine:
             close()
 
 
+class LazyNativeEngine:
+    """A native engine whose weights load on the first `generate`: what a request needs before
+    that (its token ids, the context length, the chat template) comes from the tokenizer and the
+    config alone, so a rerun answered from the cache never loads the model."""
+
+    name = "native"
+
+    def __init__(self, model: str, **load_kw):
+        from cpmtool.model.registry import model_info
+        from cpmtool.model.tokenizer import load_tokenizer
+
+        self._model, self._load_kw, self._engine = model, load_kw, None
+        self.tokenizer = load_tokenizer(model)
+        self.max_len = model_info(model).get("context")
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            from cpmtool.engine import load_engine
+
+            self._engine = load_engine(self._model, "native", **self._load_kw)
+        return self._engine
+
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None
+
+    def encode(self, request: Request) -> list[int]:
+        from cpmtool.engine.native import NativeEngine
+
+        return NativeEngine.encode(self, request)  # it needs nothing but self.tokenizer
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def generate(self, requests: list[Request], params: SamplingParams | None = None) -> list[Result]:
+        return self.engine.generate(requests, params)
+
+    def generate_stream(self, requests: Iterable[Request], params: SamplingParams | None = None) -> Iterator[Result]:
+        return self.engine.generate_stream(requests, params)
+
+
 def load_cached_engine(model: str | None, backend: str = "native", *, cache: str | os.PathLike | None = None,
                        no_cache: bool = False, api_base: str | None = None, api_key: str | None = None,
-                       max_batch: int = 64, dtype: str = "float32", **kw):
+                       max_batch: int = 64, dtype: str = "float32", lazy: bool = False, **kw):
     """`load_engine(...)` behind a CachedEngine in `cache` (default `default_cache_dir()`).
 
-    With `no_cache` the bare engine comes back (every request goes to the model). This is what the
-    data tools' `--model/--engine/--api-base/--cache/--no-cache` flags map to.
+    With `no_cache` the bare engine comes back (every request goes to the model). With `lazy`
+    (native backend only) the weights load at the first cache miss (`LazyNativeEngine`). This is
+    what the data tools' `--model/--engine/--api-base/--cache/--no-cache` flags map to.
     """
     from cpmtool.engine import load_engine
 
-    engine = load_engine(model, backend, api_base=api_base, api_key=api_key, max_batch=max_batch, dtype=dtype, **kw)
+    if lazy and backend == "native" and not no_cache and model is not None:
+        engine = LazyNativeEngine(model, max_batch=max_batch, dtype=dtype, **kw)
+    else:
+        engine = load_engine(model, backend, api_base=api_base, api_key=api_key, max_batch=max_batch, dtype=dtype,
+                             **kw)
     if no_cache:
         return engine
     extra = {"dtype": dtype} if backend != "openai" else {}
@@ -273,5 +320,5 @@ def _load_result(blob: bytes) -> Result:
     return Result(id="", prompt_ids=d["prompt_ids"], completions=comps)
 
 
-__all__ = ["AnswerCache", "CacheStats", "CachedEngine", "default_cache_dir", "load_cached_engine", "model_key",
-           "request_key"]
+__all__ = ["AnswerCache", "CacheStats", "CachedEngine", "LazyNativeEngine", "default_cache_dir", "load_cached_engine",
+           "model_key", "request_key"]

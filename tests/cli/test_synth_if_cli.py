@@ -23,9 +23,20 @@ POOL = [
 ]
 
 
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from cpmtool.errors import ModelError
+    from cpmtool.model.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer("smollm2-135m")
+    except ModelError as e:
+        pytest.skip(f"smollm2-135m is not pulled ({e}); `make test` pulls it first")
+
+
 @pytest.fixture(autouse=True)
-def _env(tmp_path, monkeypatch):
-    monkeypatch.setenv("CPMTOOL_HOME", str(tmp_path / "home"))
+def _env(monkeypatch):
+    # CPMTOOL_HOME stays: smollm2-135m lives there; every run names its own --cache directory
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 

@@ -157,3 +157,17 @@ def test_unusable_cache_is_a_config_error(tmp_path):
     f.write_text("x")
     with pytest.raises(ConfigError, match="cannot create"):
         AnswerCache(f / "sub")
+
+
+def test_lazy_engine_loads_the_weights_only_on_a_miss(tiny, tmp_path):
+    first = load_cached_engine("cpm-tiny", cache=tmp_path, max_batch=4, lazy=True)
+    assert not first.engine.loaded
+    req = Request(prompt="4+4=", id="a")
+    assert first.encode(req) == tiny.encode(req) and first.max_len == tiny.model.config.max_position_embeddings
+    out = first.generate([req], P)
+    assert first.engine.loaded and first.stats.misses == 1
+    again = load_cached_engine("cpm-tiny", cache=tmp_path, max_batch=4, lazy=True)
+    assert texts(again.generate([req], P)) == texts(out)
+    assert not again.engine.loaded and again.stats.to_dict() == {"hits": 1, "misses": 0, "calls": 0}
+    # the same answers as the eager engine: one model identity
+    assert texts(CachedEngine(tiny, tmp_path, "other").generate([req], P)) == texts(out)

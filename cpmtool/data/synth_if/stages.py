@@ -138,8 +138,9 @@ def open_model(model: str | None, engine="native", *, api_base: str | None = Non
         return engine, lambda: None
     from cpmtool.engine.cache import load_cached_engine
 
+    # lazy: a rerun answered from the cache (or a filter with nothing to judge) never loads the weights
     eng = load_cached_engine(model, engine, cache=cache, no_cache=no_cache, api_base=api_base, api_key=api_key,
-                             max_batch=max_batch)
+                             max_batch=max_batch, lazy=True)
     return eng, getattr(eng, "close", lambda: None)
 
 
