@@ -4,6 +4,7 @@
 #   make -f pipelines/ultraclean.mk all        # clean + sharded dedup + classifier + verify
 #   make -f pipelines/ultraclean.mk verify     # efficient verification only (~15 min on a busy 2-core box)
 #   make -f pipelines/ultraclean.mk bench      # cpmtool vs datatrove, same rules, same documents
+#   make -f pipelines/ultraclean.mk FAST=1 all # smoke run (tests/pipelines): a few training steps, out/ultraclean-fast
 #
 # Efficient verification (cpmtool clean verify; method in cpmtool/data/clean/verify.py): a
 # byte-level model of the cpm-tiny family is trained on the baseline mix (the raw documents)
@@ -13,6 +14,13 @@
 # the candidate helps. The candidates are the cleaned documents and, as a negative control, the
 # rejected ones, which should help less (smaller or negative delta). One reference model serves
 # both. SEEDS=3 repeats everything with other seeds, so the deltas can be read against the noise.
+
+# FAST=1: every stage, with a few verification steps; set before the defaults, which `?=` leaves alone
+ifeq ($(FAST),1)
+OUT      ?= out/ultraclean-fast
+PRETRAIN ?= 4
+ANNEAL   ?= 2
+endif
 
 PYTHON   ?= .venv/bin/python
 CPMTOOL  ?= $(PYTHON) -m cpmtool
