@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cpmtool.errors import InputError
+from cpmtool.errors import ConfigError, InputError
 from cpmtool.quant.config import QATConfig
 from cpmtool.quant.ternary import Ternary, file_bytes, pack_model, save_ternary, ternary_stats
 from cpmtool.train import losses
@@ -125,6 +125,11 @@ class QATRecipe(SFTRecipe):
 
     def setup(self) -> None:
         super().setup()  # the FP model, data, optimizer (its Parameters survive the layer swap)
+        from cpmtool.model.transformer import block_linears
+
+        if any(hasattr(getattr(p, a), "weight_packed") for _, p, a in block_linears(self.model)):
+            raise ConfigError(f"--model {self.cfg.model} is already ternary (packed); QAT starts from the "
+                              f"full-precision model it was made from")
         self.scheme.check(self.model)
         self.teacher = None
         if self.cfg.distill:

@@ -69,6 +69,9 @@ def test_cli_end_to_end(tmp_path):
     assert run["examples"] == 10  # 12 records, the last 2 held out for perplexity
     model, _ = load_model(out / "model")
     assert type(model.model.layers[0].mlp.up_proj).__name__ == "PackedTernaryLinear"
+    again = subprocess.run([*CPMTOOL, "quantize-ternary", "--model", str(out / "model"), "--data", str(data),
+                            "--eval-n", "2", "--out", str(tmp_path / "again")], capture_output=True, timeout=300)
+    assert again.returncode == 2 and b"is already ternary" in again.stderr, again.stderr.decode()
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -54,7 +54,7 @@ def test_scale_is_rounded_to_bf16():
 
 def test_zero_tensor_scale_is_clamped():
     q, s = weight_quant(torch.zeros(2, 4))
-    assert s.item() == pytest.approx(1e-5) and not q.any()
+    assert s.item() == pytest.approx(1e-5, rel=4e-3) and not q.any()  # 1e-5 rounded to bf16
 
 
 def test_ste_gradient_is_identity():

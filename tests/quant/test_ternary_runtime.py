@@ -36,12 +36,13 @@ def test_native_engine_matches_reference_greedy(packed_dir):
     assert out[0].completions[0].token_ids[:len(want)] == want
 
 
+@pytest.mark.slow
 def test_rollout_on_packed_model(packed_dir, tmp_path):
     recs = list(tasks.generate("arithmetic", "test", 2, 0, level=1))
     lines = b"".join(orjson.dumps(r) + b"\n" for r in recs)
     p = subprocess.run([sys.executable, "-m", "cpmtool", "rollout", "--model", str(packed_dir), "--n", "1",
                         "--temperature", "0", "--max-tokens", "8", "--reward", "math", "--logprobs"],
-                       input=lines, capture_output=True, timeout=600)
+                       input=lines, capture_output=True, timeout=900)
     assert p.returncode == 0, p.stderr.decode()
     out = [orjson.loads(x) for x in p.stdout.splitlines()]
     assert [o["group"] for o in out] == [r["id"] for r in recs] and all("reward" in o for o in out)
