@@ -110,3 +110,31 @@ def test_vllm_sampling_logprobs_and_stop(engines):
     streamed = [x.id for x in vl.generate_stream(iter([Request(prompt=f"{i} apples", id=str(i)) for i in range(3)]),
                                                  SamplingParams(temperature=0, max_tokens=2))]
     assert sorted(streamed) == ["0", "1", "2"]
+
+
+@pytest.mark.vllm
+def test_vllm_loads_exported_cpm_tiny_with_our_logits(tmp_path):
+    """transformers has no MiniCPM class and vLLM's MiniCPM path is GPU-oriented, so `models export
+    --format llama` folds the μP scales into plain Llama weights: vLLM must load that directory and
+    compute what our model computes on cpm-tiny (greedy tokens, and the logprobs of those tokens)."""
+    if REASON is not None:
+        pytest.skip(REASON)
+    from cpmtool.data import tasks
+    from cpmtool.engine.native import NativeEngine
+    from cpmtool.engine.vllm_backend import VllmEngine
+    from cpmtool.model.export import export_llama
+
+    out = export_llama("cpm-tiny", tmp_path / "llama")
+    native = NativeEngine.load("cpm-tiny", max_batch=8)
+    vl = VllmEngine.load(str(out), max_model_len=512, max_batch=8)
+    recs = list(tasks.generate("arithmetic", "test", 4, seed=0, level=[1, 2]))
+    reqs = [Request(messages=[{"role": "user", "content": r["prompt"]}], id=r["id"]) for r in recs]
+    p = SamplingParams(temperature=0, max_tokens=32, logprobs=0)
+    got, want = vl.generate(reqs, p), native.generate(reqs, p)
+    for g, w in zip(got, want, strict=True):
+        assert g.prompt_ids == w.prompt_ids
+        a, b = g.completions[0], w.completions[0]
+        n = _common_prefix(a.token_ids, b.token_ids)
+        assert n >= min(16, len(b.token_ids)), (g.id, a.text, b.text)
+        for x, y in zip(a.logprobs[:n], b.logprobs[:n], strict=True):
+            assert abs(x - y) < 1e-2
