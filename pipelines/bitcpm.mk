@@ -6,7 +6,7 @@
 #   make -f pipelines/bitcpm.mk all           # data -> qat -> bench -> rollout, into runs/bitcpm
 #   make -f pipelines/bitcpm.mk FAST=1 all    # smoke run (tests/pipelines): 2 QAT steps, into out/bitcpm-fast
 #
-# cpm-tiny's input sizes (224, 672) take a group size of 32 (or 0: one scale per tensor).
+# GROUP must divide every linear input size of the model (cpm-tiny: 256, 768); 0 = one scale per tensor.
 # THREADS=1: on a machine shared with other jobs one thread avoids thread stragglers.
 
 ifeq ($(FAST),1)

@@ -26,6 +26,7 @@ from cpmtool.errors import ConfigError, InputError
 from cpmtool.quant.config import QATConfig
 from cpmtool.quant.ternary import Ternary, file_bytes, pack_model, save_ternary, ternary_stats
 from cpmtool.train import losses
+from cpmtool.train.checkpoint import load_for_training
 from cpmtool.train.sft import SFTRecipe, collate
 
 TASK_LEVELS = (1, 2, 3)  # cpm-tiny's trained levels: 4 and 5 are ~0% in full precision already
@@ -133,9 +134,9 @@ class QATRecipe(SFTRecipe):
         self.scheme.check(self.model)
         self.teacher = None
         if self.cfg.distill:
-            from cpmtool.model.loader import load_model
-
-            self.teacher, _ = load_model(self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device)
+            # owning its memory: an mmap-backed teacher would change under us if the checkpoint is rewritten
+            self.teacher, _ = load_for_training(self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device)
+            self.teacher.eval()
             self.teacher.requires_grad_(False)
 
     def eval_examples(self) -> list:
@@ -212,7 +213,8 @@ def quantize_ternary(cfg: QATConfig, log=None) -> dict:
         task_recs = task_records(cfg.eval_task_n) if want_task else []
         fp = recipe.teacher
         if fp is None:
-            fp, _ = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+            fp, _ = load_for_training(cfg.model, dtype=cfg.dtype, device=cfg.device)
+            fp.eval()
         evals = {"full_precision": _evaluate(fp, recipe.tokenizer, eval_ex, recipe.pad_id, task_recs)}
         log({"event": "eval", "note": f"full precision {evals['full_precision']}"})
         evals["ptq_naive"] = _evaluate(pack_model(fp, recipe.scheme), recipe.tokenizer, eval_ex, recipe.pad_id,

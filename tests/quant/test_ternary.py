@@ -94,7 +94,7 @@ def test_qat_swap_keeps_embeddings_head_and_parameters():
     assert {n: p for n, p in model.named_parameters()} == before  # same names, same Parameter objects
 
 
-GROUP = 32  # divides every input size of cpm-tiny (hidden 224, MLP 672)
+GROUP = 32  # divides every input size of cpm-tiny (hidden 256, MLP 768; it was 224/672 before)
 
 
 @pytest.fixture(scope="module")
