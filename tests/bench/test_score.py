@@ -250,3 +250,22 @@ def test_eval_gsm8k_reads_the_shared_file():
         pytest.skip("gsm8k_test.jsonl is not in the shared data directory")
     assert [r["id"] for r in recs] == ["gsm8k-test-0", "gsm8k-test-1", "gsm8k-test-2"]
     assert gold_answer(recs[0]["answer"]) == "18"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _tiny_installed(), reason="cpm-tiny weights are not built")
+def test_eval_through_an_openai_compatible_server(tmp_path):
+    """--engine openai: the same eval against a real `cpmtool serve` process on 127.0.0.1."""
+    from cpmtool.rewards.math import math_reward
+    from cpmtool.serve.process import launch_server
+
+    out = tmp_path / "samples.jsonl"
+    with launch_server("cpm-tiny", args=["--threads", "1"], startup_timeout=600) as srv:
+        r = subprocess.run([*CPMTOOL, "bench", "eval", "--engine", "openai", "--api-base", srv.url, "--model",
+                            "cpm-tiny", "--data", "arithmetic", "--level", "1", "--n-prompts", "3", "--max-tokens",
+                            "64", "-o", str(out)], capture_output=True, timeout=600)
+    assert r.returncode == 0, r.stderr.decode()
+    (row,) = [orjson.loads(x) for x in r.stdout.splitlines()]
+    samples = [orjson.loads(x) for x in out.read_bytes().splitlines()]
+    assert row["prompts"] == 3 and len(samples) == 3 and all(s["n_tokens"] > 0 for s in samples)
+    assert row["accuracy"] == pytest.approx(sum(math_reward(s, s["completion"])[1] for s in samples) / 3)
