@@ -15,8 +15,9 @@ Input: instructions with several responses, in either shape (mixed freely):
 
 Point-wise mode (AIR's setting, the default):
 
-1. Annotation: a judge model scores each response alone, 1 to 10 with a simple rubric, after a
-   short rationale (generative scoring); `judge_samples` sampled judgments are averaged. A
+1. Annotation: a judge model scores each response alone, 1 to 10 with a simple rubric, and
+   writes a one-sentence reason (generative scoring; the paper has the rationale first, see
+   POINTWISE_TEMPLATE); `judge_samples` sampled judgments are averaged. A
    judgment without a parsable score in range counts as null (its raw text is kept); a response
    whose judgments are all null is left out of the steps below.
 2. Instructions: the population variance of the response scores of each instruction; the
