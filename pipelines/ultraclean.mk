@@ -20,6 +20,8 @@ ifeq ($(FAST),1)
 OUT      ?= out/ultraclean-fast
 PRETRAIN ?= 4
 ANNEAL   ?= 2
+# the held-out reference set: 50 answers instead of 1000 (it is scored after every anneal)
+REFSET_N ?= 50
 endif
 
 PYTHON   ?= .venv/bin/python
@@ -69,8 +71,8 @@ scored: $(OUT)/clf/classifier.json
 # 4. efficient verification
 $(OUT)/refset.jsonl: $(REFSET)
 	@mkdir -p $(OUT)
-	$(PYTHON) -c "import json,sys; [print(json.dumps({'text': json.loads(l)['output']})) for l in open(sys.argv[1])]" \
-	  $(REFSET) > $@
+	$(if $(REFSET_N),head -n $(REFSET_N),cat) $(REFSET) \
+	  | $(PYTHON) -c "import json,sys; [print(json.dumps({'text': json.loads(l)['output']})) for l in sys.stdin]" > $@
 verify: $(OUT)/clean.jsonl $(OUT)/refset.jsonl
 	$(CPMTOOL) clean verify --candidate $(OUT)/clean.jsonl --candidate $(OUT)/rejects.jsonl --baseline $(RAW) \
 	  --eval $(OUT)/refset.jsonl --share $(SHARE) --pretrain-steps $(PRETRAIN) --anneal-steps $(ANNEAL) \

@@ -504,7 +504,7 @@ def _plot(b: SubBench, o: Outcome, d: Path, log: Callable[[str], None]) -> str |
             fig, ax = plt.subplots(figsize=(5, 3.2))
             ax.bar(list(vals), list(vals.values()), color="tab:blue")
             for i, v in enumerate(vals.values()):
-                ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=8)
+                ax.annotate(f"{v:.4g}", (i, v), ha="center", va="bottom", fontsize=8)
             ax.set(ylabel=ylabel, title=f"bench {b.name}")
         else:
             return None

@@ -87,7 +87,7 @@ def test_recipe_runs_fast(recipe, tmp_path):
                 args.append(f"{var}={path}")
     env = dict(os.environ, CPMTOOL_HOME=os.environ.get("CPMTOOL_HOME", str(Path.home() / ".cache" / "cpmtool")),
                CPMTOOL_PROGRESS="0")
-    r = subprocess.run([*args, "all"], cwd=REPO, capture_output=True, timeout=1200, env=env)
+    r = subprocess.run([*args, "all"], cwd=REPO, capture_output=True, timeout=1800, env=env)
     assert r.returncode == 0, f"{' '.join(args)} all failed:\n{r.stderr.decode()[-3000:]}"
     assert out.is_dir() and any(out.iterdir()), f"pipelines/{recipe} wrote nothing under OUT"
     if recipe in CHECKS:
