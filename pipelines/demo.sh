@@ -48,7 +48,12 @@ step "smollm2-135m answers chat prompts (greedy)" \
 printf '%s\n' '{"id":"q1","prompt":"What is the capital of France?"}' \
   '{"id":"q2","prompt":"Give me three tips for staying healthy."}' > "$OUT/chat.jsonl"
 t $CPMTOOL rollout --model smollm2-135m --chat --temperature 0 --max-tokens 48 "$OUT/chat.jsonl" \
-  | .venv/bin/python -c 'import json,sys; [print(f"> {r[\"prompt\"]}\n{r[\"completion\"]}\n") for r in map(json.loads, sys.stdin)]'
+  > "$OUT/chat_out.jsonl"
+.venv/bin/python - "$OUT/chat_out.jsonl" <<'PY'
+import json, sys
+for r in map(json.loads, open(sys.argv[1])):
+    print(f"> {r['prompt']}\n{r['completion']}\n")
+PY
 
 step "UltraClean rules on real web documents" \
   "cpmtool clean $SHARED/web_docs_sample.jsonl --rejects rejects.jsonl --stats stats.json"
