@@ -12,6 +12,7 @@
 ifeq ($(FAST),1)
 OUT     ?= out/bitcpm-fast
 STEPS   ?= 2
+WARMUP  ?= 1
 TRAIN_N ?= 24
 BATCH   ?= 2
 EVAL_N  ?= 4
@@ -26,13 +27,14 @@ PYTHON  ?= .venv/bin/python
 CPMTOOL ?= $(PYTHON) -m cpmtool
 MODEL   ?= cpm-tiny
 OUT     ?= runs/bitcpm
-STEPS   ?= 120
+STEPS   ?= 30
 TRAIN_N ?= 6000
 BATCH   ?= 16
 GROUP   ?= 32
 LR      ?= 3e-4
 EVAL_N  ?= 64
 TASK_N  ?= 200
+WARMUP  ?= 5
 MAXLEN  ?= 512
 MAXTOK  ?= 64
 REPEATS ?= 3
@@ -54,7 +56,7 @@ qat: $(OUT)/ternary/model/config.json
 
 $(OUT)/ternary/model/config.json: $(OUT)/train.jsonl
 	$(CPMTOOL) --progress quantize-ternary --model $(MODEL) --data $< --steps $(STEPS) --batch-size $(BATCH) \
-	  --max-len $(MAXLEN) --group-size $(GROUP) --distill --lr $(LR) --eval-n $(EVAL_N) --eval-task-n $(TASK_N) \
+	  --max-len $(MAXLEN) --group-size $(GROUP) --distill --lr $(LR) --warmup-steps $(WARMUP) --eval-n $(EVAL_N) --eval-task-n $(TASK_N) \
 	  --threads $(THREADS) --out $(OUT)/ternary > $(OUT)/card.json
 
 bench: qat
