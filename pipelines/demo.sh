@@ -65,5 +65,29 @@ if [ -f "$SHARED/web_docs_sample.jsonl" ]; then
 else
   echo "(skipped: $SHARED/web_docs_sample.jsonl not found)"
 fi
+step "synth-if (UltraIF): IFEval constraints on Alpaca prompts, smollm2 answers, the checkers filter them" \
+  "cpmtool synth-if compose seeds.jsonl | cpmtool synth-if generate --k 2 | cpmtool synth-if filter --pairs pairs.jsonl"
+if [ -f "$SHARED/alpaca_seed.jsonl" ]; then
+  head -n 3 "$SHARED/alpaca_seed.jsonl" > "$OUT/seeds.jsonl"
+  $CPMTOOL synth-if compose --rounds 1 --seed 0 \
+    --ifeval-ids punctuation:no_comma,change_case:english_lowercase,length_constraints:number_words \
+    "$OUT/seeds.jsonl" > "$OUT/if_comp.jsonl"
+  t $CPMTOOL synth-if generate --model smollm2-135m --k 2 --max-tokens 48 --cache "$OUT/cache" "$OUT/if_comp.jsonl" \
+    > "$OUT/if_gen.jsonl"
+  # only verifiable constraints: no judge to ask, so the model is not even loaded
+  t $CPMTOOL synth-if filter --keep-unsatisfied --cache "$OUT/cache" --pairs "$OUT/if_pairs.jsonl" "$OUT/if_gen.jsonl" \
+    > "$OUT/if_sft.jsonl"
+  .venv/bin/python - "$OUT/if_sft.jsonl" "$OUT/if_pairs.jsonl" <<'PY'
+import json, sys
+for r in map(json.loads, open(sys.argv[1])):
+    print(f"> {r['prompt']}")
+    print("  " + ", ".join(f"{'PASS' if v['pass'] else 'fail'} {v['score']:.2f}" for v in r["verdicts"]))
+    print(f"  sft completion: {r['completion'][:100]!r}")
+print(f"{sum(1 for _ in open(sys.argv[2]))} preference pairs (pass vs fail)")
+PY
+else
+  echo "(skipped: $SHARED/alpaca_seed.jsonl not found)"
+fi
+
 echo
 echo "demo outputs are in $OUT/"
