@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import orjson
+import pytest
 
 SEEDS = [
     {"id": "s1", "instruction": "Name three primary colors.", "input": ""},
@@ -25,6 +26,7 @@ def read(path):
     return [orjson.loads(x) for x in path.read_bytes().splitlines() if x.strip()]
 
 
+@pytest.mark.slow  # six CLI processes: about a minute on an idle machine
 def test_synth_if_through_an_openai_server(server, tmp_path):
     env_home = {"CPMTOOL_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
     remote = ["--engine", "openai", "--api-base", f"{server.url}/v1", "--api-key", server.key, "--model", server.model,
