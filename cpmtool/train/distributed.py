@@ -62,6 +62,9 @@ def init_distributed(device: str = "cpu") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    if str(device) == "cuda":
+        # one GPU per rank: a bare "cuda" (and every .to("cuda")) then means this rank's GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size())
