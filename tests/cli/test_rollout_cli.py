@@ -161,7 +161,7 @@ def test_chunked_calls_equal_one_greedy_run(tmp_path):
         # (almost) the same probability, as their logprobs show. Exact equality on every token is
         # tested on a random model in tests/data/test_rollout.py.
         a, b = g["token_ids"], w["token_ids"]
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
         if first is None:
             assert (g["completion"], a, g["finish_reason"]) == (w["completion"], b, w["finish_reason"])
         else:
