@@ -255,9 +255,7 @@ class LazyNativeEngine:
         return self._engine is not None
 
     def encode(self, request: Request) -> list[int]:
-        from cpmtool.engine.native import NativeEngine
-
-        return NativeEngine.encode(self, request)  # it needs nothing but self.tokenizer
+        return request.encode(self.tokenizer)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -278,13 +278,7 @@ class NativeEngine:
 
     # -- text <-> ids -------------------------------------------------------------------------
     def encode(self, request: Request) -> list[int]:
-        if request.prompt_ids is not None:
-            return list(request.prompt_ids)
-        if request.messages is not None:
-            from cpmtool.model.tokenizer import encode_chat
-
-            return encode_chat(self.tokenizer, request.messages)
-        return self.tokenizer.encode(request.prompt, add_special_tokens=False)
+        return request.encode(self.tokenizer)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -77,6 +77,16 @@ class Request:
         if given != 1:
             raise ConfigError("a request needs exactly one of prompt, messages, prompt_ids")
 
+    def encode(self, tokenizer) -> list[int]:
+        """Prompt token ids: given ids as is, messages through the chat template, text without BOS."""
+        if self.prompt_ids is not None:
+            return list(self.prompt_ids)
+        if self.messages is not None:
+            from cpmtool.model.tokenizer import encode_chat
+
+            return encode_chat(tokenizer, self.messages)
+        return tokenizer.encode(self.prompt, add_special_tokens=False)
+
 
 @dataclass
 class Completion:

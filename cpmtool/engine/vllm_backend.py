@@ -105,13 +105,7 @@ class VllmEngine:
         )
 
     def encode(self, request: Request) -> list[int]:
-        if request.prompt_ids is not None:
-            return list(request.prompt_ids)
-        if request.messages is not None:
-            from cpmtool.model.tokenizer import encode_chat
-
-            return encode_chat(self.tokenizer, request.messages)
-        return self.tokenizer.encode(request.prompt, add_special_tokens=False)
+        return request.encode(self.tokenizer)
 
     def _result(self, req: Request, params: SamplingParams, out) -> Result:
         comps = []
