@@ -85,6 +85,31 @@ for r in map(json.loads, open(sys.argv[1])):
     print(f"  sft completion: {r['completion'][:100]!r}")
 print(f"{sum(1 for _ in open(sys.argv[2]))} preference pairs (pass vs fail)")
 PY
+
+  step "annotate-pref (AIR): smollm2 judges those responses point-wise, pairs by score; train-dpo on every pair" \
+    "cpmtool annotate-pref if_gen.jsonl --prefill Score: > air_pairs.jsonl; cpmtool train-dpo --data pairs.jsonl"
+  t $CPMTOOL annotate-pref --model smollm2-135m --cache "$OUT/cache" --prefill Score: --max-tokens 6 \
+    --judge-samples 2 --min-chosen 5 --margin 1,9 --rejects "$OUT/air_rejects.jsonl" "$OUT/if_gen.jsonl" \
+    > "$OUT/air_pairs.jsonl"
+  .venv/bin/python - "$OUT/air_pairs.jsonl" <<'PY'
+import json, sys
+for r in map(json.loads, open(sys.argv[1])):
+    print(f"> {r['prompt'][:70]!r}: chosen {r['score_chosen']} vs rejected {r['score_rejected']}")
+PY
+  cat "$OUT/if_pairs.jsonl" "$OUT/air_pairs.jsonl" > "$OUT/dpo_pairs.jsonl"
+  if [ -s "$OUT/dpo_pairs.jsonl" ]; then
+    rm -rf "$OUT/dpo"
+    t $CPMTOOL train-dpo --model smollm2-135m --data "$OUT/dpo_pairs.jsonl" --out "$OUT/dpo" --steps 2 \
+      --batch-size 2 --max-len 256 --lr 1e-5 --threads 2 > /dev/null
+    .venv/bin/python - "$OUT/dpo/metrics.jsonl" <<'PY'
+import json, sys
+for m in map(json.loads, open(sys.argv[1])):
+    print(f"dpo step {m['step']}: loss {m['loss']:.4f}, reward margin {m['reward_margin']:+.4f}, "
+          f"pair accuracy {m['pair_accuracy']:.2f}")
+PY
+  else
+    echo "(no preference pairs from these seeds: DPO skipped)"
+  fi
 else
   echo "(skipped: $SHARED/alpaca_seed.jsonl not found)"
 fi

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from cpmtool.data.rollout import derive_seed, trajectory_of
+from cpmtool.data.rollout import derive_seed, refused, trajectory_of
 from cpmtool.io import Reject
 
 # The Mixture-of-Agents aggregator prompt that AFT's aggregation layers use.
@@ -74,9 +74,10 @@ def aggregate_stage(run, k: int, layers: int, instruction: str | None = None):
             for req in first:
                 req.params = req.params.with_(n=k)
             results = run.engine.generate(first)
+            yield from (refused(p, r) for p, r in zip(batch, results, strict=True) if r.error is not None)
             layers_of = [[[c.text for c in r.completions]] for r in results]
             tokens = [sum(len(c.token_ids) for c in r.completions) for r in results]
-            alive = list(range(len(batch)))
+            alive = [i for i, r in enumerate(results) if r.error is None]
             finals = {}
             for layer in range(1, layers + 1):
                 width = run.params.n if layer == layers else k
@@ -90,8 +91,12 @@ def aggregate_stage(run, k: int, layers: int, instruction: str | None = None):
                         continue
                     reqs.append(req)
                     keep.append(i)
-                alive = keep
-                for i, r in zip(alive, run.engine.generate(reqs), strict=True):
+                alive = []
+                for i, r in zip(keep, run.engine.generate(reqs), strict=True):
+                    if r.error is not None:
+                        yield refused(batch[i], r)
+                        continue
+                    alive.append(i)
                     if layer == layers:
                         finals[i] = r
                     else:

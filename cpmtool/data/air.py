@@ -41,7 +41,9 @@ instruction's fields plus `prompt`/`messages`, `chosen`, `rejected`, `score_chos
 parsed `judge_scores` and the raw `judgments`). Every input line of an instruction that yields no
 pair is a reject with the reason: `too_few_responses`, `too_few_scores`, `low_variance` (or
 `high_variance`), `no_pair`; lines that are no instruction at all: `no_responses`, `no_prompt`,
-`bad_prompt`, `bad_messages`, `empty_prompt`, `bad_responses`.
+`bad_prompt`, `bad_messages`, `empty_prompt`, `bad_responses`. A judge request that an
+`--engine openai` server refuses (a prompt over its context) leaves that response unscored, with
+`judge_error: judge_request_refused` and the server's message in `judgments`.
 """
 
 from __future__ import annotations
@@ -682,12 +684,14 @@ class Judge:
             return "judge_prompt_too_long"
         return req
 
-    def run(self, requests: list[Request]) -> list[list[str]]:
-        """The answer texts (prefill included) of each request, in order, window by window."""
+    def run(self, requests: list[Request]) -> list[list[str] | str]:
+        """The answer texts (prefill included) of each request, in order, window by window; a
+        request the backend refused gives its error message (a str) instead."""
         out = []
         for i in range(0, len(requests), self.window):
             for res in self.engine.generate(requests[i:i + self.window]):
-                out.append([(self.prefill or "") + c.text for c in res.completions])
+                out.append(res.error if res.error is not None
+                           else [(self.prefill or "") + c.text for c in res.completions])
         return out
 
     def _seeded(self, *parts) -> SamplingParams:
@@ -708,6 +712,10 @@ class Judge:
                     continue
                 asks.append((resp, req))
         for (resp, _), texts in zip(asks, self.run([q for _, q in asks]), strict=True):
+            if isinstance(texts, str):
+                resp.judgments, resp.error = [texts], "judge_request_refused"
+                stats.judge["judge_request_refused"] += 1
+                continue
             resp.judgments = texts
             parsed = [parse_score(t) for t in texts]
             resp.judge_scores = [s for s, _ in parsed]
@@ -737,7 +745,11 @@ class Judge:
                         asks.append((n, i, j, swapped, req))
         verdicts: dict[tuple[int, int, int], list] = {}
         for (n, i, j, swapped, _), texts in zip(asks, self.run([a[-1] for a in asks]), strict=True):
-            parsed = [parse_verdict(t) for t in texts]
+            if isinstance(texts, str):  # refused: no verdict in this order
+                stats.judge["judge_request_refused"] += 1
+                texts, parsed = [texts], []
+            else:
+                parsed = [parse_verdict(t) for t in texts]
             for v, why in parsed:
                 stats.judge["verdict" if v is not None else why] += 1
             votes = Counter(v for v, _ in parsed if v is not None).most_common()

@@ -38,6 +38,10 @@ Modes (see `rollout` for the flags):
   thinking at B tokens, appends the answer cue (default `"\\nFinal answer: \\boxed{"`) and
   generates at most `answer_tokens` more, up to the brace that closes the cue's `{` (a cue
   without an open brace ends at the end of its line); samples finishing within B are untouched.
+
+A prompt whose request the backend refuses (an `--engine openai` server's 400/413/422, e.g. a
+prompt over the server's context) is a `request_refused` reject carrying the server's `error`; the
+other prompts go on.
 """
 
 from __future__ import annotations
@@ -70,6 +74,12 @@ class Prompt:
     position: tuple[str, int]
     request: Request
     query: dict  # {"messages": [...]} or {"prompt": "..."}: what was asked, for aggregation prompts
+
+
+def refused(p: Prompt, result: Result) -> Reject:
+    """The reject of a prompt whose request the backend refused (an `--engine openai` server's
+    400, e.g. a prompt over its context), carrying the server's message."""
+    return Reject(dict(p.record, error=result.error), "request_refused", p.position)
 
 
 @dataclass
@@ -352,6 +362,9 @@ class _Run:
             while side:
                 yield side.popleft()
             p = pending.pop(result.id)
+            if result.error is not None:
+                yield refused(p, result)
+                continue
             yield from self.group_records(p, [trajectory_of(c) for c in result.completions])
         while side:
             yield side.popleft()
@@ -383,6 +396,9 @@ class _Run:
             for batch, rejected in self.batches(records, self.params.n):
                 yield from rejected
                 results = self.engine.generate([p.request for p in batch])
+                yield from (refused(p, r) for p, r in zip(batch, results, strict=True) if r.error is not None)
+                batch = [p for p, r in zip(batch, results, strict=True) if r.error is None]
+                results = [r for r in results if r.error is None]
                 trajs = [[trajectory_of(c) for c in r.completions] for r in results]
                 cut = [(p, r, j, t) for p, r, ts in zip(batch, results, trajs, strict=True)
                        for j, t in enumerate(ts) if t.finish_reason == "length"]
@@ -416,14 +432,16 @@ class _Run:
                                     id=str(k)))
             still = []
             for (p, r, j, t), res in zip(open_, self.engine.generate(reqs), strict=True):
-                c = res.completions[0]
+                # a refused answer round ends the answer where it stands (finish_reason "length")
+                c = res.completions[0] if res.error is None else None
                 got = ids[id(t)]
-                got += c.token_ids
-                lps[id(t)] += list(c.logprobs) if c.logprobs is not None else [None] * len(c.token_ids)
+                if c is not None:
+                    got += c.token_ids
+                    lps[id(t)] += list(c.logprobs) if c.logprobs is not None else [None] * len(c.token_ids)
                 text = self.engine.decode(got)
                 end = _closing(text, closer)
-                eos = c.finish_reason == "stop" and not isinstance(c.stop_reason, str)
-                if end is None and not eos and len(got) < answer_tokens and c.token_ids:
+                eos = c is not None and c.finish_reason == "stop" and not isinstance(c.stop_reason, str)
+                if c is not None and end is None and not eos and len(got) < answer_tokens and c.token_ids:
                     still.append((p, r, j, t))
                     continue
                 t.text = self.engine.decode(t.token_ids) + cue + (text[:end] if end is not None else text)
@@ -462,7 +480,13 @@ class _Run:
                     while side:
                         yield side.popleft()
                     key, _, j = result.id.partition("#")
-                    cg = groups[key]
+                    cg = groups.get(key)
+                    if cg is None:  # a sample of a group already refused
+                        continue
+                    if result.error is not None:  # the whole group goes, saved samples included
+                        del groups[key]
+                        yield refused(cg.prompt, result)
+                        continue
                     if cg.prompt_ids is None:
                         cg.prompt_ids = list(result.prompt_ids)
                     for c in result.completions:

@@ -182,7 +182,8 @@ class CachedEngine:
         if todo:
             self.stats.calls += 1
             fresh = self.engine.generate(list(todo.values()), params)
-            self.cache.put_many(list(zip(todo, fresh, strict=True)))
+            # a refused request is not an answer: a rerun asks again
+            self.cache.put_many([(k, res) for k, res in zip(todo, fresh, strict=True) if res.error is None])
             found.update(zip(todo, fresh, strict=True))
         return [_with_id(found[k], r.id) for k, r in zip(keys, requests, strict=True)]
 
@@ -216,7 +217,8 @@ class CachedEngine:
                     for cid, r in ((cid, todo[k][0]) for cid, k in by_id.items())]
             for res in self.engine.generate_stream(asks, params):
                 k = by_id[res.id]
-                self.cache.put_many([(k, res)])
+                if res.error is None:
+                    self.cache.put_many([(k, res)])
                 for r in todo[k]:
                     yield _with_id(res, r.id)
 
@@ -296,7 +298,7 @@ def _with_id(r: Result, rid: str) -> Result:
                    logprobs=None if c.logprobs is None else list(c.logprobs),
                    top_logprobs=None if c.top_logprobs is None else [dict(t) for t in c.top_logprobs],
                    stop_reason=c.stop_reason)
-        for c in r.completions])
+        for c in r.completions], error=r.error)
 
 
 def _dump_result(r: Result) -> bytes:

@@ -4,7 +4,9 @@ A request with `messages` goes to /v1/chat/completions, one with `prompt` or `pr
 /v1/completions; `n` samples come back as the n choices of one call. Calls run on a thread pool
 (`max_concurrency` in flight), and a call that fails with 429, a 5xx or a connection error is
 retried with exponential backoff (honouring `Retry-After`). Other HTTP errors and an unreachable
-server raise ModelError with one readable line.
+server raise ModelError with one readable line, except the errors that concern one request only
+(400, 413, 422: a prompt over the server's context, a bad parameter value): that request's Result
+carries `error` and the others go on.
 
 Token ids: OpenAI's API returns text only. With `vllm_fields` (the default except for
 api.openai.com) the request also asks for vLLM's `return_token_ids` and
@@ -28,6 +30,12 @@ from cpmtool.engine.types import Completion, Request, Result, SamplingParams
 from cpmtool.errors import ConfigError, ModelError, require
 
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+# a refusal of this request's content; 401/403/404 (key, model name) concern every request and end the run
+REQUEST_STATUS = frozenset({400, 413, 422})
+
+
+class RequestRefused(ModelError):
+    """The server refused one request (HTTP 400/413/422)."""
 
 
 class OpenAIEngine:
@@ -100,8 +108,9 @@ class OpenAIEngine:
             if r.status_code in RETRY_STATUS and not last:
                 self._sleep(attempt, r.headers.get("retry-after"))
                 continue
-            raise ModelError(f"{url}: HTTP {r.status_code}: {_error_message(r)}"
-                             + (f" (after {attempt + 1} tries)" if attempt else ""))
+            err = RequestRefused if r.status_code in REQUEST_STATUS else ModelError
+            raise err(f"{url}: HTTP {r.status_code}: {_error_message(r)}"
+                      + (f" (after {attempt + 1} tries)" if attempt else ""))
         raise AssertionError("unreachable")
 
     def _sleep(self, attempt: int, retry_after: str | None) -> None:
@@ -163,7 +172,10 @@ class OpenAIEngine:
     def _one(self, req: Request, params: SamplingParams | None) -> Result:
         p = params or req.params
         path, body = self._body(req, p)
-        data = self._request("POST", path, body)
+        try:
+            data = self._request("POST", path, body)
+        except RequestRefused as e:
+            return Result(id=req.id, prompt_ids=[], completions=[], error=str(e))
         choices = sorted(data.get("choices") or [], key=lambda c: c.get("index", 0))
         if len(choices) != p.n:
             raise ModelError(f"{self.api_base}{path}: expected {p.n} choices, the server returned {len(choices)}")

@@ -101,9 +101,14 @@ class Completion:
 
 @dataclass
 class Result:
+    """The completions of one request. A request the backend refused on its own (a server's 400 for
+    a prompt over its context, say) comes back with `error` set and no completions, so one bad
+    record is a counted reject of the caller rather than the end of a whole batch."""
+
     id: str
     prompt_ids: list[int]
     completions: list[Completion]
+    error: str | None = None
 
     @property
     def n_prompt_tokens(self) -> int:

@@ -211,3 +211,18 @@ def test_retries_and_concurrency_limit(server, model_dir):
                 [Request(prompt="x")])
     finally:
         proxy.close()
+
+
+def test_a_refused_request_is_its_results_error_and_the_others_go_on(server, model_dir):
+    """A prompt over the server's context is refused with HTTP 400: that request's Result carries the
+    server's message and no completions; the requests beside it are answered. An error that concerns
+    every request (401) still ends the call."""
+    eng = OpenAIEngine(server, model=str(model_dir), api_key=KEY, max_retries=0)
+    p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    long = Request(prompt_ids=[504] * 600, id="long")  # the tiny model has 512 positions
+    got = eng.generate([Request(prompt="Hi", id="a"), long, Request(prompt="Bye", id="b")], p)
+    assert [r.id for r in got] == ["a", "long", "b"]
+    assert got[1].completions == [] and "HTTP 400" in got[1].error and "maximum context length" in got[1].error
+    assert got[0].error is None and got[2].error is None and all(len(r.completions[0].text) for r in (got[0], got[2]))
+    streamed = {r.id: r.error for r in eng.generate_stream(iter([long, Request(prompt="Hi", id="a")]), p)}
+    assert streamed["a"] is None and "maximum context length" in streamed["long"]

@@ -22,4 +22,8 @@ def test_demo_runs_end_to_end(tmp_path):
     # every step printed its result: graded greedy answers, the vote, the chat answers
     assert "cpm-tiny greedy: " in p.stdout and "majority-vote accuracy" in p.stdout
     assert "The capital of France is Paris" in p.stdout
+    # synth-if -> annotate-pref -> train-dpo on three Alpaca seeds (the chain)
+    if "alpaca_seed.jsonl not found" not in p.stdout:
+        assert "preference pairs (pass vs fail)" in p.stdout and ": chosen " in p.stdout
+        assert "dpo step 2: loss" in p.stdout
     assert p.stdout.rstrip().endswith(f"demo outputs are in {tmp_path / 'demo'}/")

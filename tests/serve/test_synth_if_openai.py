@@ -1,5 +1,6 @@
 """`cpmtool synth-if` against a real `cpmtool serve` process with `--engine openai`: every stage
-that calls a model works over HTTP, answers are cached, and a rerun sends no request."""
+that calls a model works over HTTP, answers are cached, a rerun sends no request but the one the
+server refused, and a seed longer than the server's context is a counted reject, not a crash."""
 
 import json
 import os
@@ -12,6 +13,7 @@ import pytest
 SEEDS = [
     {"id": "s1", "instruction": "Name three primary colors.", "input": ""},
     {"id": "s2", "instruction": "Translate to French.", "input": "Good morning"},
+    {"id": "long", "instruction": "Summarise: " + "all work and no play " * 120, "input": ""},  # > 512 tokens
 ]
 POOL = [{"id": "p", "constraints": [{"type": "format", "constraint": "as a list",
                                      "question": "Is the response a list?"}]}]
@@ -47,15 +49,19 @@ def test_synth_if_through_an_openai_server(server, tmp_path):
     run("decompose", *remote, "--max-tokens", 16, seeds, "-o", tmp_path / "dec.jsonl", "--rejects",
         tmp_path / "dec.rej.jsonl", "--stats", tmp_path / "dec.json")
     dec = stats("dec")
-    assert dec["in"] == 2 and dec["cache"]["misses"] >= 2  # a random tiny model: rejects with their raw text
-    assert all(isinstance(r["raw"], str) for r in read(tmp_path / "dec.rej.jsonl"))
+    assert dec["in"] == 3 and dec["cache"]["misses"] >= 3  # a random tiny model: rejects with their raw text
+    dec_rej = {r["id"]: r for r in read(tmp_path / "dec.rej.jsonl")}
+    assert dec_rej["long"]["reject_reason"] == "request_refused"
+    assert "maximum context length" in dec_rej["long"]["error"]
+    assert all(isinstance(r["raw"], str) for k, r in dec_rej.items() if k != "long")
 
     pool = write(tmp_path / "pool.jsonl", POOL)
     run("compose", "--pool", pool, "--pool-ratio", 1.0, "--rounds", 2, seeds, "-o", tmp_path / "comp.jsonl")
     run("generate", *remote, "--k", 2, "--max-tokens", 8, tmp_path / "comp.jsonl", "-o", tmp_path / "gen.jsonl",
-        "--stats", tmp_path / "gen.json")
+        "--stats", tmp_path / "gen.json", "--rejects", tmp_path / "gen.rej.jsonl")
     gen = stats("gen")
-    assert (gen["out"], gen["cache"]["misses"], gen["cache"]["calls"]) == (2, 2, 1)
+    assert (gen["out"], gen["cache"]["misses"], gen["cache"]["calls"]) == (2, 3, 1)
+    assert [(r["id"], r["reject_reason"]) for r in read(tmp_path / "gen.rej.jsonl")] == [("long", "request_refused")]
     assert all(len(r["responses"]) == 2 for r in read(tmp_path / "gen.jsonl"))
 
     run("filter", *remote, "--max-tokens", 8, "--keep-unsatisfied", tmp_path / "gen.jsonl", "-o",
@@ -69,5 +75,6 @@ def test_synth_if_through_an_openai_server(server, tmp_path):
     run("generate", *remote, "--k", 2, "--max-tokens", 8, tmp_path / "comp.jsonl", "-o", tmp_path / "gen.jsonl",
         "--stats", tmp_path / "gen.json")
     again = stats("gen")["cache"]
-    assert (again["calls"], again["misses"], again["hits"]) == (0, 0, 2)
+    # a refusal is not cached: the rerun asks the server again for that one only
+    assert (again["calls"], again["misses"], again["hits"]) == (1, 1, 2)
     assert (tmp_path / "gen.jsonl").read_bytes() == before

@@ -10,12 +10,14 @@ Records (fields added; every input field is kept):
 - decompose: `query` (the instruction), `basic_query`, `constraints` [{type, constraint,
   simplified_query, question}], `eval_questions` (the non-empty questions). Rejects:
   `no_prompt`, `unparsable_decomposition` and `no_constraints` (both carry the model's `raw` answer),
-  `prompt_too_long`.
+  `prompt_too_long`, `request_refused` (an `--engine openai` server refused the request; its
+  `error` is kept).
 - compose: `prompt` (the query with the added constraints), `query`, `added_constraints`
   [{source: "ifeval"|"pool", text, id | question}], `eval_questions` (the input's plus the pool
   constraints'), `instruction_id_list` and `kwargs` (IFEval's layout, for the checkers and
   `--reward ifeval`). Rejects: `no_prompt`, `no_constraint_added`.
-- generate: `responses` (k strings), `finish_reasons`. Rejects: `no_prompt`, `prompt_too_long`.
+- generate: `responses` (k strings), `finish_reasons`. Rejects: `no_prompt`, `prompt_too_long`,
+  `request_refused`.
 - filter: SFT records `prompt` + `completion` (the first response that passes every check),
   `satisfied`, `verdicts` (per response: pass, score, ifeval, judge); preference pairs
   (`prompt`, `chosen` = the last passing response, `rejected` = the last failing one,
@@ -123,11 +125,13 @@ class Asker:
             return "prompt_too_long"
         return req
 
-    def ask(self, requests: list[Request]) -> list[list[str]]:
-        """The completion texts of each request (one engine call for the whole list)."""
+    def ask(self, requests: list[Request]) -> list[list[str] | str]:
+        """The completion texts of each request (one engine call for the whole list); a request the
+        backend refused gives its error message (a str) instead."""
         if not requests:
             return []
-        return [[c.text for c in r.completions] for r in self.engine.generate(requests)]
+        return [r.error if r.error is not None else [c.text for c in r.completions]
+                for r in self.engine.generate(requests)]
 
 
 def open_model(model: str | None, engine="native", *, api_base: str | None = None, api_key: str | None = None,
@@ -216,6 +220,9 @@ def decompose(inputs, output="-", *, model: str | None = "smollm2-135m", engine=
             answers = asker.ask(reqs)
             parsed = []
             for (rec, pos, q), texts in zip(todo, answers, strict=True):
+                if isinstance(texts, str):
+                    yield Reject(dict(rec, error=texts), "request_refused", pos)
+                    continue
                 d = parse_decomposition(texts[0])
                 if isinstance(d, str):
                     yield Reject(dict(rec, raw=texts[0]), d, pos)
@@ -244,9 +251,9 @@ def _add_questions(asker: Asker, parsed: list, stats: SynthStats) -> Iterator[di
             reqs.append(req)
             where.append(c)
     for c, texts in zip(where, asker.ask(reqs), strict=True):
-        c["question"] = parse_question(texts[0])
+        c["question"] = None if isinstance(texts, str) else parse_question(texts[0])
         if c["question"] is None:
-            stats.bump("questions_unparsable")
+            stats.bump("questions_refused" if isinstance(texts, str) else "questions_unparsable")
     for rec, q, d in parsed:
         yield _decomposed(rec, q, d)
 
@@ -427,9 +434,12 @@ def generate(inputs, output="-", *, k: int = 4, model: str | None = "smollm2-135
                     yield Reject(rec, req, pos)
                     continue
                 reqs.append(req)
-                todo.append(rec)
+                todo.append((rec, pos))
             results = eng.generate(reqs) if reqs else []
-            for rec, res in zip(todo, results, strict=True):
+            for (rec, pos), res in zip(todo, results, strict=True):
+                if res.error is not None:
+                    yield Reject(dict(rec, error=res.error), "request_refused", pos)
+                    continue
                 yield dict(rec, responses=[c.text for c in res.completions],
                            finish_reasons=[c.finish_reason for c in res.completions])
 
@@ -513,9 +523,9 @@ def _filter_window(window, asker: Asker, stats: SynthStats, pair_out, *, drop_un
                 slots.append((judged, j, len(questions)))
         ready.append((rec, pos, checks, judged, questions))
     for (judged, j, n), texts in zip(slots, asker.ask(reqs), strict=True):
-        v = parse_judgment(texts[0], n)
-        if v is None:
-            stats.bump("judge_unparsable")
+        v = None if isinstance(texts, str) else parse_judgment(texts[0], n)
+        if v is None:  # a refused or unreadable judgment: the response fails
+            stats.bump("judge_refused" if isinstance(texts, str) else "judge_unparsable")
         judged[j] = v if v is not None else False
     for rec, pos, checks, judged, questions in ready:
         yield from _assemble(rec, pos, checks, judged, questions, stats, pair_out, drop_unsatisfied)
