@@ -7,6 +7,8 @@
 #
 # Model answers are cached in $(OUT)/cache: rerunning a stage with the same settings makes no
 # model call. A small model writes poor decompositions and judgments; the rejects files keep them.
+# DEC_PREFILL starts each decomposition answer with the JSON object's first keys (smollm2-135m
+# answers 0 of 8 Alpaca seeds in JSON without it, 6 of 8 parseable with it); DEC_PREFILL= turns it off.
 
 ifeq ($(FAST),1)
 OUT       ?= out/ultraif-fast
@@ -34,6 +36,7 @@ ROUNDS    ?= 2
 STEPS     ?= 20
 THREADS   ?= 2
 SEED      ?= 0
+DEC_PREFILL ?= {"Complex": true, "Basic Query": "
 ENGINE    ?= --model $(MODEL) --cache $(OUT)/cache --seed $(SEED)
 
 .PHONY: all data report clean
@@ -47,7 +50,7 @@ $(OUT)/seeds.jsonl:
 	head -n $(SEEDS) $(SHARED)/alpaca_seed.jsonl > $@
 
 $(OUT)/dec.jsonl: $(OUT)/seeds.jsonl
-	$(CPMTOOL) synth-if decompose $(ENGINE) --max-tokens $(DEC_TOK) $< -o $@ \
+	$(CPMTOOL) synth-if decompose $(ENGINE) --max-tokens $(DEC_TOK) $(if $(DEC_PREFILL),--prefill '$(DEC_PREFILL)') $< -o $@ \
 	  --rejects $(OUT)/dec.rejects.jsonl --stats $(OUT)/dec.stats.json
 
 # compose every seed (not only those the model decomposed), drawing from the decomposed pool and IFEval

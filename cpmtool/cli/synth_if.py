@@ -51,6 +51,8 @@ def decompose_cmd(
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy (UltraIF's setting)."),
     top_p: float = TOP_P, seed: int = SEED,
     questions: bool = typer.Option(True, "--questions/--no-questions", help="Ask one evaluation question per constraint."),
+    prefill: str = typer.Option(None, "--prefill", help="Start the model's answer with this text (e.g. "
+                                "'{\"Complex\": true, \"Basic Query\": \"'); needs the model's tokenizer."),
     rejects: str = REJECTS, stats: str = STATS, strict: bool = STRICT,
 ):
     """Split real prompts into a basic query, constraints and evaluation questions.
@@ -58,14 +60,15 @@ def decompose_cmd(
     Reads records with `prompt`, `query` or Alpaca's `instruction` (+ `input`); adds `query`,
     `basic_query`, `constraints` [{type, constraint, simplified_query, question}] and
     `eval_questions`. A malformed answer is a reject (`unparsable_decomposition`, `no_constraints`)
-    carrying the raw text in `raw`.
+    carrying the raw text in `raw`; JSON cut off by --max-tokens or with a stray bracket is
+    repaired first. A small model answers in JSON far more often with --prefill starting the object.
 
     Example: cpmtool synth-if decompose --model smollm2-135m alpaca_seed.jsonl -o dec.jsonl --rejects rej.jsonl
     """
     from cpmtool.data.synth_if import decompose
 
     decompose(files or ["-"], output, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-              questions=questions, **_model(**locals()), **_io(**locals()))
+              questions=questions, prefill=prefill, **_model(**locals()), **_io(**locals()))
 
 
 @app.command("compose")

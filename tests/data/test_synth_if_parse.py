@@ -67,10 +67,23 @@ def test_decomposition_good_answer():
     ('{"Complex": true, "Basic Query": "x", "Format Constraints": []}', "no_constraints"),
     ('{"Complex": true, "Format Constraints": [{"constraint": "  "}, 3]}', "no_constraints"),
     ("The instruction asks for a poem with four lines.", "unparsable_decomposition"),
-    ('{"Complex": true, "Basic Query": "x", "Format Constraints": [{"constraint": "a list"', "unparsable_decomposition"),
+    ('{"Complex": true, "Basic Query": "x"', "no_constraints"),  # repaired, but nothing in it
 ])
 def test_decomposition_malformed_is_a_reason(text, reason):
     assert parse_decomposition(text) == reason
+
+
+@pytest.mark.parametrize("text", [
+    # cut off by max_tokens mid-list (the answer of smollm2-135m with --prefill, 120 tokens)
+    '{"Complex": true, "Basic Query": "x", "Format Constraints": [{"constraint": "a list", "simplified query": "y',
+    # a stray closing brace before the next key
+    '{"Complex": true, "Basic Query": "x", "Format Constraints": [{"constraint": "a list", "simplified query": "y"}},',
+])
+def test_decomposition_cut_off_or_with_a_stray_brace_is_repaired(text):
+    d = parse_decomposition(text)
+    assert d["basic_query"] == "x"
+    assert d["constraints"][0]["type"] == "format" and d["constraints"][0]["constraint"] == "a list"
+    assert d["constraints"][0]["simplified_query"] == "y"
 
 
 # ---------------------------------------------------------------- evaluation questions
@@ -208,3 +221,11 @@ def test_assembly_unsatisfied_and_unparsable_judgments(tmp_path):
     out, pairs, _ = _run_assemble(rec, [[], []], [None, None], [], tmp_path)
     assert out[0]["completion"] == "a" and [v["score"] for v in out[0]["verdicts"]] == [1.0, 0.0]
     assert (pairs[0]["chosen"], pairs[0]["rejected"]) == ("a", "  ")
+
+
+def test_repair_is_only_for_json_looking_text():
+    # prose braces before the real object are not "repaired" into it
+    assert extract_json('Use {braces} like this: {"a": "x"}') == {"a": "x"}
+    # a broken outer object is repaired before its inner members are taken for the answer
+    broken = '{"Basic Query": "q", "Format Constraints": [{"constraint": "a list"}}, "x'
+    assert parse_decomposition(broken)["basic_query"] == "q"

@@ -74,20 +74,48 @@ def extract_json(text: str, want: type = dict):
     """The first JSON object (`want=dict`) or array (`want=list`) in a model's answer, or None.
 
     Tries the whole text, then each fenced code block, then every balanced `{...}` / `[...]` span;
-    each candidate through json, json without trailing commas, and Python literal syntax.
+    each candidate through json, json without trailing commas, and Python literal syntax. Last,
+    the text from the first bracket on goes through `json_repair`, which closes what max_tokens
+    cut off and drops stray brackets (a small model's usual faults); a repair without a non-empty
+    string value in it is no answer.
     """
     if not isinstance(text, str):
         return None
     open_ch, close_ch = ("{", "}") if want is dict else ("[", "]")
     candidates = [text.strip(), *(m.group(1).strip() for m in _FENCE.finditer(text))]
-    candidates += list(_balanced_spans(text, open_ch, close_ch))
     for c in candidates:
-        if not c:
-            continue
+        v = _loads(c) if c else None
+        if isinstance(v, want):
+            return v
+    spans = list(_balanced_spans(text, open_ch, close_ch))
+    v = _loads(spans[0]) if spans else None
+    if isinstance(v, want):
+        return v
+    # the first object is broken: repair it before looking at later spans, which may be its own
+    # members (an inner constraint object after a stray `}`); only when it looks like JSON (a key
+    # or string right after the bracket), not prose such as "use {braces}"
+    start = text.find(open_ch)
+    if start >= 0 and text[start + 1:].lstrip()[:1] in ("\"", "'", "{", "["):
+        import json_repair
+
+        v = json_repair.loads(text[start:])
+        if isinstance(v, want) and _has_text(v):
+            return v
+    for c in spans[1:]:
         v = _loads(c)
         if isinstance(v, want):
             return v
     return None
+
+
+def _has_text(v) -> bool:
+    """Whether a (repaired) value holds any non-empty string value: `{unclosed:` repairs to
+    `{"unclosed": ""}`, which says nothing."""
+    if isinstance(v, dict):
+        return any(_has_text(x) for x in v.values())
+    if isinstance(v, list):
+        return any(_has_text(x) for x in v)
+    return isinstance(v, str) and bool(v.strip())
 
 
 def _norm_key(k) -> str:

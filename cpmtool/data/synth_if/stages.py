@@ -111,11 +111,25 @@ class Asker:
         self.max_len = getattr(engine, "max_len", None) or getattr(cfg, "max_position_embeddings", None)
         self.encodes = callable(getattr(engine, "encode", None))
 
-    def request(self, text: str, rid: str, *seed_parts, params: SamplingParams | None = None) -> Request | str:
-        """A request for `text`, or the reject reason `prompt_too_long`."""
+    def request(self, text: str, rid: str, *seed_parts, params: SamplingParams | None = None,
+                prefill: str | None = None) -> Request | str:
+        """A request for `text`, or the reject reason `prompt_too_long`. `prefill` starts the
+        model's answer (after the chat template's assistant header): the caller prepends it to
+        the answer it gets back."""
         p = params or self.params
         p = p.with_(seed=derive_seed(p.seed, *seed_parts))
-        if self.chat:
+        if prefill is not None:
+            from cpmtool.model.tokenizer import chat_prompt
+
+            tok = getattr(self.engine, "tokenizer", None)
+            if tok is None:
+                raise ConfigError("--prefill needs the model's tokenizer (a local model; for --engine openai, "
+                                  "--model must name a local model)")
+            msgs = ([{"role": "system", "content": self.system}] if self.system else []) + [
+                {"role": "user", "content": text}]
+            head = chat_prompt(tok, msgs) if self.chat else (f"{self.system}\n\n" if self.system else "") + text
+            req = Request(prompt=head + prefill, params=p, id=rid)
+        elif self.chat:
             msgs = ([{"role": "system", "content": self.system}] if self.system else []) + [
                 {"role": "user", "content": text}]
             req = Request(messages=msgs, params=p, id=rid)
@@ -183,8 +197,8 @@ def _check_window(size: int) -> None:
 def decompose(inputs, output="-", *, model: str | None = "smollm2-135m", engine="native", api_base: str | None = None,
               api_key: str | None = None, cache: str | Path | None = None, no_cache: bool = False,
               max_batch: int = 16, max_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
-              seed: int | None = 0, questions: bool = True, rejects=None, stats_path=None, strict: bool = False,
-              progress: bool | None = None) -> RunStats:
+              seed: int | None = 0, questions: bool = True, prefill: str | None = None, rejects=None,
+              stats_path=None, strict: bool = False, progress: bool | None = None) -> RunStats:
     """Decompose each instruction into a basic query, constraints and evaluation questions (UltraIF A+B).
 
     One decomposition request per record, then one evaluation-question request per constraint
@@ -211,7 +225,8 @@ def decompose(inputs, output="-", *, model: str | None = "smollm2-135m", engine=
                 if q is None:
                     yield Reject(rec, "no_prompt", pos)
                     continue
-                req = asker.request(prompts.DECOMPOSE.format(query=q), f"d{len(reqs)}", "decompose", rec["id"])
+                req = asker.request(prompts.DECOMPOSE.format(query=q), f"d{len(reqs)}", "decompose", rec["id"],
+                                    prefill=prefill)
                 if isinstance(req, str):
                     yield Reject(rec, req, pos)
                     continue
@@ -223,9 +238,10 @@ def decompose(inputs, output="-", *, model: str | None = "smollm2-135m", engine=
                 if isinstance(texts, str):
                     yield Reject(dict(rec, error=texts), "request_refused", pos)
                     continue
-                d = parse_decomposition(texts[0])
+                raw = (prefill or "") + texts[0]
+                d = parse_decomposition(raw)
                 if isinstance(d, str):
-                    yield Reject(dict(rec, raw=texts[0]), d, pos)
+                    yield Reject(dict(rec, raw=raw), d, pos)
                 else:
                     parsed.append((rec, q, d))
             if questions:
