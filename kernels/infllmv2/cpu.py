@@ -29,11 +29,13 @@ import torch.nn.functional as F
 from .config import SparseConfig, num_compressed
 
 PAIR_TILE = 16  # queries per tile sharing one key block: 16 * G rows x 64 keys per matmul
-TILE_BATCH = 256  # tiles per batched matmul: keeps temporaries ~ 8 MB (below glibc's mmap threshold)
+TILE_BATCH = 32  # tiles per batched matmul: its buffers (~1 MB each) stay in L2
 CHUNK = 1024  # queries per prefill chunk: enough pairs per key block to fill tiles
 BAND = 128  # queries per band attention call: the band spans BAND + window keys
 SCORE_BUDGET = 1 << 22  # floats in one stage-1 score tensor (16 MB)
+SCORE_ALIGN = 16  # stage-1 logits widths: MKL's sgemm runs ~2x slower on a width that is not a multiple of 8
 NEG = float("-inf")
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
 # ATen's CPU flash attention, which also returns the LSE (a private op: without it, plain matmuls)
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
@@ -63,11 +65,11 @@ def block_scores(q, c1, c2, q_pos, cfg: SparseConfig, n_blocks: int, transposed:
     buffer of >= N*G*T*(N1+N2) elements, receives the logits (fresh multi-MB tensors cost page faults).
     """
     n, g, t, d = q.shape
-    qs = (q.float() * d**-0.5).reshape(n, g * t, d)
     pos1 = q_pos[:, None, :, None] + 1  # (N, 1, T, 1)
     used = [0]
 
-    def logits(c, kernel, stride):  # (N, G, T, Nc); only the columns some query cannot see need a mask
+    def logits(c, kernel, stride, scale):  # (N, G, T, Nc); only the columns some query cannot see need a mask
+        qs = (q.float() * scale).reshape(n, g * t, d)
         ct = c if transposed else c.float().transpose(1, 2)
         if work is None:
             s = torch.bmm(qs, ct)
@@ -82,10 +84,11 @@ def block_scores(q, c1, c2, q_pos, cfg: SparseConfig, n_blocks: int, transposed:
             s[..., lo:].masked_fill_(~seen, NEG)
         return s
 
-    lse2 = logits(c2, cfg.kernel_size2, cfg.kernel_stride2).logsumexp(-1, keepdim=True)
+    lse2 = logits(c2, cfg.kernel_size2, cfg.kernel_stride2, d**-0.5).logsumexp(-1, keepdim=True)
     # no coarse key visible yet: score 0 (reference.py docstring), via exp(x - inf)
     lse2.masked_fill_(torch.isinf(lse2), float("inf"))
-    p = logits(c1, cfg.kernel_size, cfg.kernel_stride).sub_(lse2).exp_().sum(1)  # (N, T, N1)
+    # exp(x - lse2) as exp2 of base-2 logits: torch's exp2 runs at twice exp's speed on CPU
+    p = logits(c1, cfg.kernel_size, cfg.kernel_stride, d**-0.5 * LOG2E).sub_(lse2.mul_(LOG2E)).exp2_().sum(1)
     return pool_blocks(p, cfg, n_blocks)
 
 
@@ -172,19 +175,23 @@ def _pair_tiles(idx, q_pos, cfg: SparseConfig, n_blocks: int):
     return rows, tile_seg
 
 
-def _gather_blocks(k, row, start, bs):
+def _gather_blocks(k, row, start, bs, out=None):
     """Blocks of bs keys from k (N, S, D): rows `row`, first tokens `start` (1-D) -> (len, bs, D).
 
     k may be a view into a bigger buffer (a KV cache's used prefix): an overlapping view
     "row r = the bs keys from element r*D on" over k's storage gathers whole blocks with one
     index_select and no copy of k. A block may run past S (the partial last block): the caller masks it.
+    `out`, (len * bs, D) contiguous, receives the blocks.
     """
     n, s, d = k.shape
     first = row * (k.stride(0) // d) + start
     avail = k.untyped_storage().nbytes() // k.element_size() - k.storage_offset()
     n_rows = (avail - bs * d) // d + 1
     if k.stride(2) == 1 and k.stride(1) == d and k.stride(0) % d == 0 and int(first.max()) < n_rows:
-        return k.as_strided((n_rows, bs * d), (d, 1)).index_select(0, first).view(-1, bs, d)
+        src = k.as_strided((n_rows, bs * d), (d, 1))
+        if out is None:
+            return src.index_select(0, first).view(-1, bs, d)
+        return torch.index_select(src, 0, first, out=out.view(-1, bs * d)).view(-1, bs, d)
     tok = (start[:, None] + torch.arange(bs, device=k.device)).clamp(max=s - 1)
     return k[row[:, None], tok]
 
@@ -198,10 +205,10 @@ def _remote(q, k, v, q_pos, idx, cfg: SparseConfig, key_valid, grad, o_band, lse
     if rows.shape[0] == 0:
         return o_band
     qf = torch.cat([q.permute(0, 2, 1, 3).reshape(n * c, g * d), q.new_zeros(1, g * d)])  # (N*C + 1, G*D)
-    # dest[tile, p*G + h]: the (query, head) row a tile row adds to; padding rows land past n*c*g
-    dest = rows[..., None] * g + torch.arange(g, device=dev)
     valid = None if key_valid is None else torch.cat([key_valid, key_valid.new_zeros(n, -s % bs)], 1).view(n, -1, bs)
     if grad:  # exact per-row softmax merge, differentiable
+        # dest[tile, p*G + h]: the (query, head) row a tile row adds to; padding rows land past n*c*g
+        dest = rows[..., None] * g + torch.arange(g, device=dev)
         qt = qf[rows].view(-1, 1, PAIR_TILE * g, d)
         row, start = tile_seg // n_blocks, tile_seg % n_blocks * bs
         kt, vt = _gather_blocks(k, row, start, bs)[:, None], _gather_blocks(v, row, start, bs)[:, None]
@@ -221,32 +228,41 @@ def _remote(q, k, v, q_pos, idx, cfg: SparseConfig, key_valid, grad, o_band, lse
         out = num / den[:, None]
         return out[: n * c * g].view(n, c, g, d).transpose(1, 2)
     # Inference: exp relative to the band's LSE (a per-row constant), so the tiles' partial sums add
-    # straight into the band's (o = 1 * o_band + sum p@v, den = 1 + sum p). A tile whose logits exceed
-    # that reference by > 80 would overflow: it is redone with its own row max (never seen in practice).
-    ref = torch.cat([lse_band.transpose(1, 2).reshape(-1), lse_band.new_zeros(g)])  # (N*C*G + G,)
-    num = torch.cat([o_band.transpose(1, 2).reshape(-1, d), o_band.new_zeros(g, d)])
+    # straight into the band's (o = 1 * o_band + sum p@v, den = 1 + sum p). Two bmm's into reused
+    # buffers run the 64-key tiles at about twice the flash kernel's rate. A tile whose logits exceed
+    # that reference by > 88 would overflow: it is redone with its own row max (never seen in practice).
+    # A tile row p*G + h is query p's head h, so one query's G heads are one contiguous (G*D) row:
+    # gathers and adds move whole queries (few large rows run ~8x faster than many 64-float ones).
+    # Logits and the reference in base 2 (exp2 is twice as fast as exp).
+    ref = torch.cat([lse_band.transpose(1, 2).reshape(n * c, g), lse_band.new_zeros(1, g)]).mul_(LOG2E)  # (N*C+1, G)
+    num = torch.cat([o_band.transpose(1, 2).reshape(n * c, g * d), o_band.new_zeros(1, g * d)])
     den = torch.ones_like(ref)
+    qf.mul_(d**-0.5 * LOG2E)
+    nb_max, rows_t = min(TILE_BATCH, rows.shape[0]), PAIR_TILE * g
+    # reused buffers: fresh multi-MB tensors would cost page faults on every batch
+    buf_q, buf_s, buf_o = (q.new_empty(nb_max * rows_t * x) for x in (d, bs, d))
+    buf_k, buf_v = q.new_empty(nb_max * bs, d), q.new_empty(nb_max * bs, d)
     for t0 in range(0, rows.shape[0], TILE_BATCH):
-        r, ts, de = rows[t0: t0 + TILE_BATCH], tile_seg[t0: t0 + TILE_BATCH], dest[t0: t0 + TILE_BATCH].reshape(-1)
-        qt = qf.index_select(0, r.reshape(-1)).view(-1, PAIR_TILE * g, d)
+        r, ts = rows[t0: t0 + TILE_BATCH].reshape(-1), tile_seg[t0: t0 + TILE_BATCH]
+        nt = ts.shape[0]
+        qt = torch.index_select(qf, 0, r, out=buf_q[: nt * rows_t * d].view(-1, g * d)).view(nt, rows_t, d)
         row, start = ts // n_blocks, ts % n_blocks * bs
-        kt, vt = _gather_blocks(k, row, start, bs), _gather_blocks(v, row, start, bs)
-        bias = None
-        if valid is not None:
-            ok = valid[ts // n_blocks, ts % n_blocks]  # (tiles, bs)
-            bias = torch.zeros(ok.shape, dtype=q.dtype, device=dev).masked_fill_(~ok, NEG)[:, None, None]
-        o, lse = _attend(qt[:, None], kt[:, None], vt[:, None], bias, False)  # (tiles, 1, PT*G, D), (tiles, 1, PT*G)
-        w = lse.view(-1).sub_(ref.index_select(0, de)).exp_()  # weight vs the band's LSE; a fully masked row -> 0
-        if not bool(torch.isfinite(w).all()):
-            return _remote(q, k, v, q_pos, idx, cfg, key_valid, True, o_band, lse_band)
-        o = o.view(-1, d).mul_(w[:, None])
-        if valid is not None:  # a row whose block is all unwritten slots has NaN output and weight 0
-            o.nan_to_num_()
-        num.index_add_(0, de, o)
-        den.index_add_(0, de, w)
-    out = num[: n * c * g] / den[: n * c * g, None]
+        kt = _gather_blocks(k, row, start, bs, out=buf_k[: nt * bs])
+        vt = _gather_blocks(v, row, start, bs, out=buf_v[: nt * bs])
+        p = torch.bmm(qt, kt.transpose(1, 2), out=buf_s[: nt * rows_t * bs].view(nt, rows_t, bs))  # logits
+        p.sub_(ref.index_select(0, r).view(nt, rows_t, 1))
+        if valid is not None:  # unwritten slots: weight 0, and value 0 (their contents may be NaN)
+            ok = valid[row, ts % n_blocks]  # (tiles, bs)
+            p.masked_fill_(~ok[:, None], NEG)
+            vt.masked_fill_(~ok[..., None], 0.0)
+        w = p.exp2_().sum(-1).view(-1, g)  # weight vs the band's LSE; a fully masked row -> 0
+        o = torch.bmm(p, vt, out=buf_o[: nt * rows_t * d].view(nt, rows_t, d))
+        num.index_add_(0, r, o.view(-1, g * d))
+        den.index_add_(0, r, w)
+    if not bool(torch.isfinite(den).all()):  # an overflowed weight sums to inf
+        return _remote(q, k, v, q_pos, idx, cfg, key_valid, True, o_band, lse_band)
+    out = num[: n * c].view(n * c, g, d) / den[: n * c, :, None]
     return out.view(n, c, g, d).transpose(1, 2)
-
 
 def _decode(q, k, v, q_pos, idx, cfg: SparseConfig, key_valid, grad):
     """One query per row: gather the selected blocks of each row. q (N, G, 1, D); idx (N, 1, K)."""
@@ -301,8 +317,8 @@ def infllmv2_cpu(q, k, v, q_pos, cfg: SparseConfig, *, c1=None, c2=None, q_score
     if valid is not None:
         valid = valid.repeat_interleave(hkv, 0)
     sub = max(1, SCORE_BUDGET // max(1, n * g * c1.shape[1]))
-    c1t, c2t = c1.float().transpose(1, 2).contiguous(), c2.float().transpose(1, 2).contiguous()
-    work = q.new_empty(n * g * min(sub, t) * (c1.shape[1] + c2.shape[1]), dtype=torch.float32)
+    c1t, c2t = _transpose_padded(c1), _transpose_padded(c2)
+    work = q.new_empty(n * g * min(sub, t) * (c1t.shape[2] + c2t.shape[2]), dtype=torch.float32)
     outs = []
     for c0 in range(0, t, CHUNK):
         qc, pc, qsc = q[:, :, c0: c0 + CHUNK], pos[:, c0: c0 + CHUNK], qs[:, :, c0: c0 + CHUNK]
@@ -320,10 +336,20 @@ def infllmv2_cpu(q, k, v, q_pos, cfg: SparseConfig, *, c1=None, c2=None, q_score
     return torch.cat(outs, 2).reshape(b, hq, t, d).to(dt)
 
 
+def _transpose_padded(c):
+    """(N, Nc, D) -> (N, D, Nc') float32, Nc' = Nc rounded up to SCORE_ALIGN with zero columns."""
+    n, nc, d = c.shape
+    out = c.new_zeros(n, d, -(-nc // SCORE_ALIGN) * SCORE_ALIGN, dtype=torch.float32)
+    out[..., :nc] = c.transpose(1, 2)
+    return out
+
+
 def _select(q, c1t, c2t, q_pos, cfg: SparseConfig, n_blocks: int, work):
-    # c1t, c2t: (N, D, Nc) float32, see block_scores
+    # c1t, c2t: (N, D, Nc') float32 from _transpose_padded. The columns scored are rounded up to
+    # SCORE_ALIGN: the extra ones are windows no query here sees yet (or zero padding), masked.
     top = int(q_pos.max()) + 1  # compressed keys past the last query's view are never needed
-    n1 = num_compressed(top, cfg.kernel_size, cfg.kernel_stride)
-    n2 = num_compressed(top, cfg.kernel_size2, cfg.kernel_stride2)
+    n1, n2 = (min(-(-num_compressed(top, kernel, stride) // SCORE_ALIGN) * SCORE_ALIGN, c.shape[2])
+              for kernel, stride, c in ((cfg.kernel_size, cfg.kernel_stride, c1t),
+                                        (cfg.kernel_size2, cfg.kernel_stride2, c2t)))
     scores = block_scores(q, c1t[..., :n1], c2t[..., :n2], q_pos, cfg, n_blocks, transposed=True, work=work)
     return select_blocks(scores, q_pos, cfg)
