@@ -167,7 +167,7 @@ class Scheduler:
         # size the cache for this admission only; _merge pads when later requests need more room
         need = max(len(r.prompt_ids) + r.params.max_tokens for r in batch)
         cache = self.model.new_cache(len(batch), need)
-        hidden = self.model.hidden_states(ids, positions, cache)  # (U, T, hidden)
+        hidden = self.model.hidden_states(ids, positions, cache, lengths=lens)  # (U, T, hidden)
         # right padding wrote junk past each prompt: invalidate it; decode overwrites those slots
         for u, n in enumerate(lens):
             cache.valid[u, n:] = False

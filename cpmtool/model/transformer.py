@@ -71,6 +71,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos and a sign-folded sin, (B, 1, T, D) each, for `rotate`: built once per forward."""
+    cos, sin = rope_cos_sin(inv_freq, positions, dtype)
+    half = sin.shape[-1] // 2
+    sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos[:, None], sin[:, None]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    # apply_rope with the sign of rotate-half folded into the table: roll is one op where
+    # chunk + neg + cat are three, and (-a) * b == -(a * b) exactly, so the result is bitwise equal
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
 class KVCache:
     """Preallocated per-layer K/V buffers, (B, Hkv, S, D) each, written at explicit positions.
 
@@ -88,6 +102,7 @@ class KVCache:
         self.max_len = max_len
         self.used = 0
         self.extra: dict = {}  # per-attention state (InfLLM v2 keeps its compressed keys here)
+        self._mask: tuple | None = None  # (positions, mask) of the current forward, see attn_mask
 
     @property
     def batch_size(self) -> int:
@@ -107,10 +122,23 @@ class KVCache:
             if self.used > self.max_len:
                 raise ValueError(f"KV cache overflow: position {self.used - 1} >= max_len {self.max_len}")
             self.valid.scatter_(1, positions, True)
+            self._mask = None
         idx = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         self.k[layer].scatter_(2, idx, k)
         self.v[layer].scatter_(2, idx, v)
         return self.k[layer][:, :, : self.used], self.v[layer][:, :, : self.used]
+
+    def attn_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, used) bool: query t of row b sees slot s iff s <= positions[b, t] and s is valid.
+
+        Every layer of one forward asks for the same mask (valid only changes at layer 0's write),
+        so it is built once per forward instead of once per layer.
+        """
+        if self._mask is None or self._mask[0] is not positions or self._mask[1].shape[-1] != self.used:
+            slots = torch.arange(self.used, device=positions.device)
+            mask = (slots[None, None, :] <= positions[:, :, None]) & self.valid[:, None, : self.used]  # (B, T, S)
+            self._mask = (positions, mask[:, None])
+        return self._mask[1]
 
     def grow(self, max_len: int) -> None:
         """Extend every row's slot capacity to `max_len` (new slots are invalid)."""
@@ -120,6 +148,7 @@ class KVCache:
         self.k = [F.pad(t, (0, 0, 0, pad)) for t in self.k]  # (B, Hkv, S, D): pad S
         self.v = [F.pad(t, (0, 0, 0, pad)) for t in self.v]
         self.valid = F.pad(self.valid, (0, pad))
+        self._mask = None
         self.max_len = max_len
 
     def append_rows(self, other: KVCache) -> KVCache:
@@ -130,6 +159,7 @@ class KVCache:
         self.k = [torch.cat(p) for p in zip(self.k, other.k, strict=True)]
         self.v = [torch.cat(p) for p in zip(self.v, other.v, strict=True)]
         self.valid = torch.cat([self.valid, other.valid])
+        self._mask = None
         self.used = max(self.used, other.used)
         for key in set(self.extra) | set(other.extra):
             a, b = self.extra.get(key), other.extra.get(key)
@@ -144,6 +174,7 @@ class KVCache:
         self.k = [t.index_select(0, rows) for t in self.k]
         self.v = [t.index_select(0, rows) for t in self.v]
         self.valid = self.valid.index_select(0, rows)
+        self._mask = None
         # per-attention state follows the same rule: tensors (or per-layer lists of them) batch-first
         def sel(x):
             if isinstance(x, torch.Tensor):
@@ -153,6 +184,28 @@ class KVCache:
             return x
 
         self.extra = {k: sel(v) for k, v in self.extra.items()}
+
+
+class Packing:
+    """Right-padded rows (B, T) with `lengths` real tokens, stored packed as (N, F) rows.
+
+    Every projection, norm and MLP works per token, so in a prefill they run on the N real tokens
+    only; attention is the one step that needs the (B, T) layout, and it alone unpacks.
+    """
+
+    def __init__(self, lengths: list[int], b: int, t: int, device):
+        self.b, self.t = b, t
+        real = torch.arange(t, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]  # (B, T)
+        self.index = real.flatten().nonzero().flatten()  # (N,) flat b * T + t of each real token
+
+    def pack(self, z: torch.Tensor) -> torch.Tensor:
+        # (B, T, F) -> (N, F)
+        return z.reshape(self.b * self.t, -1).index_select(0, self.index)
+
+    def unpack(self, z: torch.Tensor) -> torch.Tensor:
+        # (N, F) -> (B, T, F), zeros at the padding
+        out = z.new_zeros(self.b * self.t, z.shape[-1])
+        return out.index_copy_(0, self.index, z).view(self.b, self.t, -1)
 
 
 def dense_attention(q, k, v, *, positions, key_positions_valid=None, causal_no_cache=False, layer=None, cache=None,
@@ -166,11 +219,15 @@ def dense_attention(q, k, v, *, positions, key_positions_valid=None, causal_no_c
     if causal_no_cache:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
     s = k.shape[2]
-    slots = torch.arange(s, device=q.device)
-    mask = slots[None, None, :] <= positions[:, :, None]  # (B, T, S)
-    if key_positions_valid is not None:
-        mask = mask & key_positions_valid[:, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=groups > 1)
+    if cache is not None and s == cache.used and key_positions_valid is not None:
+        mask = cache.attn_mask(positions)  # (B, 1, T, S), shared by the layers of this forward
+    else:
+        slots = torch.arange(s, device=q.device)
+        mask = slots[None, None, :] <= positions[:, :, None]  # (B, T, S)
+        if key_positions_valid is not None:
+            mask = mask & key_positions_valid[:, None, :]
+        mask = mask[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
 
 
 AttentionFn = Callable[..., torch.Tensor]
@@ -210,23 +267,30 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
         self.attn_fn = _attention_fn(config.attention)
 
-    def forward(self, x, cos, sin, positions, cache: KVCache | None):
-        b, t, _ = x.shape
+    def forward(self, x, cos, sin, positions, cache: KVCache | None, packing: Packing | None = None):
+        # x (B, T, hidden), or (N, hidden) real tokens with `packing`; cos, sin: rope_tables (B, 1, T, D)
         d = self.config.head_dim
-        q = self.q_proj(x).view(b, t, self.n_heads, d)  # (B, T, H, D)
-        k = self.k_proj(x).view(b, t, self.n_kv, d)
-        v = self.v_proj(x).view(b, t, self.n_kv, d)
+        if packing is None:
+            b, t, _ = x.shape
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            b, t = packing.b, packing.t
+            q, k, v = (packing.unpack(m(x)) for m in (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(b, t, self.n_heads, d)  # (B, T, H, D)
+        k = k.view(b, t, self.n_kv, d)
+        v = v.view(b, t, self.n_kv, d)
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         valid = None
         if cache is not None:
             k, v = cache.write(self.layer, k, v, positions)  # (B, Hkv, S, D)
             valid = cache.valid[:, : k.shape[2]]
         y = self.attn_fn(q, k, v, positions=positions, key_positions_valid=valid, causal_no_cache=cache is None,
                          layer=self.layer, cache=cache, config=self.config)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_heads * d))
+        y = y.transpose(1, 2).reshape(b, t, self.n_heads * d)
+        return self.o_proj(y if packing is None else packing.pack(y))
 
 
 class MLP(nn.Module):
@@ -250,9 +314,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.residual_scale = config.residual_scale  # μP: scale_depth / sqrt(L); 1.0 otherwise
 
-    def forward(self, x, cos, sin, positions, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache) * self.residual_scale
-        return x + self.mlp(self.post_attention_layernorm(x)) * self.residual_scale
+    def forward(self, x, cos, sin, positions, cache, packing: Packing | None = None):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, packing)
+        x = x + (a if self.residual_scale == 1.0 else a * self.residual_scale)
+        m = self.mlp(self.post_attention_layernorm(x))
+        return x + (m if self.residual_scale == 1.0 else m * self.residual_scale)
 
 
 class _Body(nn.Module):
@@ -291,21 +357,30 @@ class Transformer(nn.Module):
         p = self.model.embed_tokens.weight
         return KVCache(self.config, batch_size, max_len, dtype or p.dtype, device or p.device)
 
-    def hidden_states(self, input_ids, positions=None, cache: KVCache | None = None) -> torch.Tensor:
-        """Final normed hidden states (B, T, hidden), already divided by the μP logit divisor."""
+    def hidden_states(self, input_ids, positions=None, cache: KVCache | None = None,
+                      lengths: list[int] | None = None) -> torch.Tensor:
+        """Final normed hidden states (B, T, hidden), already divided by the μP logit divisor.
+
+        `lengths`: rows are right-padded and row b holds lengths[b] real tokens; the padding then
+        costs attention only (the rest runs on the real tokens packed) and its hidden states are 0.
+        """
         b, t = input_ids.shape
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
-        x = self.model.embed_tokens(input_ids)  # (B, T, hidden)
+        packing = None
+        if lengths is not None and sum(lengths) < b * t:
+            packing = Packing(lengths, b, t, input_ids.device)
+            input_ids = input_ids.reshape(-1).index_select(0, packing.index)  # (N,)
+        x = self.model.embed_tokens(input_ids)  # (B, T, hidden) or (N, hidden)
         if self.config.scale_emb != 1.0:
             x = x * self.config.scale_emb
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
+        cos, sin = rope_tables(self.inv_freq, positions, x.dtype)
         for block in self.model.layers:
-            x = block(x, cos, sin, positions, cache)
+            x = block(x, cos, sin, positions, cache, packing)
         x = self.model.norm(x)
         if self.config.logit_divisor != 1.0:
             x = x / self.config.logit_divisor
-        return x
+        return x if packing is None else packing.unpack(x)
 
     def forward(self, input_ids, positions=None, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, V). `positions` (B, T) default to 0..T-1; with `cache` they index its slots."""
