@@ -172,7 +172,7 @@ class Scheduler:
         for u, n in enumerate(lens):
             cache.valid[u, n:] = False
         # the LM head on the last prompt position only: on all T it costs more than the whole prefill
-        last = self.model.lm_head(hidden[torch.arange(len(batch)), torch.tensor(lens) - 1]).float()  # (U, V)
+        last = self.model.logits(hidden[torch.arange(len(batch)), torch.tensor(lens) - 1]).float()  # (U, V)
         fan = torch.tensor([u for u, r in enumerate(batch) for _ in r.seqs], device=dev)
         cache.select_rows(fan)
         last = last.index_select(0, fan)
@@ -192,7 +192,7 @@ class Scheduler:
         dev = self.engine.device
         ids = torch.tensor([[s.tokens[-1]] for s in self.running], device=dev)  # (B, 1)
         pos = torch.tensor([[s.pos] for s in self.running], device=dev)  # (B, 1)
-        logits = self.model(ids, pos, self.cache)[:, -1].float()  # (B, V)
+        logits = self.model.logits(self.model.hidden_states(ids, pos, self.cache)[:, -1]).float()  # (B, V)
         return self._sample_append(self.running, logits)
 
     def _sample_append(self, seqs: list[_Seq], logits: torch.Tensor) -> list[TokenEvent]:
