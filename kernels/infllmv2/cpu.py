@@ -30,7 +30,7 @@ from .config import SparseConfig, num_compressed
 
 PAIR_TILE = 16  # queries per tile sharing one key block: 16 * G rows x 64 keys per matmul
 TILE_BATCH = 32  # tiles per batched matmul: its buffers (~1 MB each) stay in L2
-CHUNK = 1024  # queries per prefill chunk: enough pairs per key block to fill tiles
+CHUNK = 2048  # queries per prefill chunk: enough pairs per key block to fill tiles (~6% padding at 64k)
 BAND = 128  # queries per band attention call: the band spans BAND + window keys
 SCORE_BUDGET = 1 << 22  # floats in one stage-1 score tensor (16 MB)
 SCORE_ALIGN = 16  # stage-1 logits widths: MKL's sgemm runs ~2x slower on a width that is not a multiple of 8
@@ -149,6 +149,45 @@ def _band(q, k, v, q_pos, cfg: SparseConfig, key_valid, grad):
     bias = torch.zeros(ok.shape, dtype=q.dtype, device=dev).masked_fill_(~ok, NEG)[:, None]  # (N, 1, C, Lk)
     return _attend(q, k[:, None, lo:hi], v[:, None, lo:hi], bias, grad)
 
+
+
+def _band_blocks(q, k, v, q_pos, cfg: SparseConfig, key_valid):
+    """Inference band when every row's queries are the same contiguous positions: the queries of one
+    block share their window (blocks qb - local_blocks .. qb, L keys), so each block is a dense
+    attention over an overlapping view of K with one causal pattern, and a row is one flash call.
+    q (N, G, C, D) -> (N, G, C, D), (N, G, C); queries and keys are zero-padded to whole blocks."""
+    n, g, c, d = q.shape
+    s, bs, lb = k.shape[1], cfg.block_size, cfg.local_blocks
+    width = (lb + 1) * bs
+    p0 = int(q_pos[0, 0])
+    qb0, qb1 = p0 // bs, (p0 + c - 1) // bs
+    nqb, front = qb1 - qb0 + 1, p0 - qb0 * bs
+    qp = q.new_zeros(n, g, nqb * bs, d)
+    qp[:, :, front: front + c] = q
+    qp = qp.view(n, g, nqb, bs, d).transpose(1, 2)  # (N, nqb, G, bs, D)
+    k_lo, span = (qb0 - lb) * bs, (nqb + lb) * bs  # padded key slot i holds position k_lo + i
+    lo, hi = max(0, k_lo), min(s, k_lo + span)
+    ok = torch.zeros(n, span, dtype=torch.bool, device=q.device)
+    ok[:, lo - k_lo: hi - k_lo] = True if key_valid is None else key_valid[:, lo:hi]
+    pattern = torch.arange(width, device=q.device) <= lb * bs + torch.arange(bs, device=q.device)[:, None]  # (bs, L)
+    outs, lses = [], []
+    for i in range(n):
+        kv = []
+        for x in (k, v):
+            xp = x.new_zeros(span, d)
+            xp[lo - k_lo: hi - k_lo] = x[i, lo:hi]
+            kv.append(xp.as_strided((nqb, 1, width, d), (bs * d, 0, d, 1)).expand(-1, g, -1, -1))
+        win = ok[i].as_strided((nqb, 1, 1, width), (bs, 0, 0, 1))  # (nqb, 1, 1, L)
+        if bool(win.all()):
+            bias = torch.zeros(bs, width, dtype=q.dtype, device=q.device).masked_fill_(~pattern, NEG)
+            bias = bias.expand(nqb, g, -1, -1)
+        else:
+            bias = torch.zeros(nqb, 1, bs, width, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill_(~(pattern & win), NEG).expand(-1, g, -1, -1)
+        o, lse = _FLASH(qp[i].contiguous(), kv[0], kv[1], 0.0, False, attn_mask=bias, scale=d**-0.5)
+        outs.append(o.transpose(0, 1).reshape(g, nqb * bs, d)[:, front: front + c])
+        lses.append(lse.transpose(0, 1).reshape(g, nqb * bs)[:, front: front + c])
+    return torch.stack(outs), torch.stack(lses)
 
 def _pair_tiles(idx, q_pos, cfg: SparseConfig, n_blocks: int):
     """Group the (query, far block) pairs by (row, block) into tiles of PAIR_TILE queries.
@@ -319,6 +358,8 @@ def infllmv2_cpu(q, k, v, q_pos, cfg: SparseConfig, *, c1=None, c2=None, q_score
     sub = max(1, SCORE_BUDGET // max(1, n * g * c1.shape[1]))
     c1t, c2t = _transpose_padded(c1), _transpose_padded(c2)
     work = q.new_empty(n * g * min(sub, t) * (c1t.shape[2] + c2t.shape[2]), dtype=torch.float32)
+    # every row's queries at the same consecutive positions (a prefill, chunked or not): the band by query blocks
+    contiguous = t > 1 and bool((pos == pos[:1, :1] + torch.arange(t, device=pos.device)).all())
     outs = []
     for c0 in range(0, t, CHUNK):
         qc, pc, qsc = q[:, :, c0: c0 + CHUNK], pos[:, c0: c0 + CHUNK], qs[:, :, c0: c0 + CHUNK]
@@ -329,9 +370,12 @@ def infllmv2_cpu(q, k, v, q_pos, cfg: SparseConfig, *, c1=None, c2=None, q_score
         if t == 1:
             outs.append(_decode(qc, k, v, pc, idx, cfg, valid, grad))
             continue
-        band = [_band(qc[:, :, i: i + BAND], k, v, pc[:, i: i + BAND], cfg, valid, grad)
-                for i in range(0, qc.shape[2], BAND)]
-        o_band, lse_band = torch.cat([o for o, _ in band], 2), torch.cat([lse for _, lse in band], 2)
+        if contiguous and not grad and _FLASH is not None and not q.is_cuda:
+            o_band, lse_band = _band_blocks(qc, k, v, pc, cfg, valid)
+        else:
+            band = [_band(qc[:, :, i: i + BAND], k, v, pc[:, i: i + BAND], cfg, valid, grad)
+                    for i in range(0, qc.shape[2], BAND)]
+            o_band, lse_band = torch.cat([o for o, _ in band], 2), torch.cat([lse for _, lse in band], 2)
         outs.append(_remote(qc, k, v, pc, idx, cfg, valid, grad, o_band, lse_band))
     return torch.cat(outs, 2).reshape(b, hq, t, d).to(dt)
 
