@@ -356,7 +356,10 @@ def infllmv2_cpu(q, k, v, q_pos, cfg: SparseConfig, *, c1=None, c2=None, q_score
     if valid is not None:
         valid = valid.repeat_interleave(hkv, 0)
     sub = max(1, SCORE_BUDGET // max(1, n * g * c1.shape[1]))
-    c1t, c2t = _transpose_padded(c1), _transpose_padded(c2)
+    if t > sub:  # many sub-chunks score against them: transpose once (see block_scores), padded
+        c1t, c2t = _transpose_padded(c1), _transpose_padded(c2)
+    else:  # decode: a copy would cost more than the one bmm gains
+        c1t, c2t = c1.float().transpose(1, 2), c2.float().transpose(1, 2)
     work = q.new_empty(n * g * min(sub, t) * (c1t.shape[2] + c2t.shape[2]), dtype=torch.float32)
     # every row's queries at the same consecutive positions (a prefill, chunked or not): the band by query blocks
     contiguous = t > 1 and bool((pos == pos[:1, :1] + torch.arange(t, device=pos.device)).all())
@@ -383,8 +386,9 @@ def infllmv2_cpu(q, k, v, q_pos, cfg: SparseConfig, *, c1=None, c2=None, q_score
 def _transpose_padded(c):
     """(N, Nc, D) -> (N, D, Nc') float32, Nc' = Nc rounded up to SCORE_ALIGN with zero columns."""
     n, nc, d = c.shape
-    out = c.new_zeros(n, d, -(-nc // SCORE_ALIGN) * SCORE_ALIGN, dtype=torch.float32)
+    out = c.new_empty(n, d, -(-nc // SCORE_ALIGN) * SCORE_ALIGN, dtype=torch.float32)
     out[..., :nc] = c.transpose(1, 2)
+    out[..., nc:] = 0.0
     return out
 
 
