@@ -33,6 +33,7 @@ TILE_BATCH = 32  # tiles per batched matmul: its buffers (~1 MB each) stay in L2
 CHUNK = 2048  # queries per prefill chunk: enough pairs per key block to fill tiles (~6% padding at 64k)
 BAND = 128  # queries per band attention call: the band spans BAND + window keys
 SCORE_BUDGET = 1 << 22  # floats in one stage-1 score tensor (16 MB)
+SCORE_PIECE = 512  # stage-1 c1 columns per logits block (2 x 8 x 64 queries x 512 floats = 2 MB)
 SCORE_ALIGN = 16  # stage-1 logits widths: MKL's sgemm runs ~2x slower on a width that is not a multiple of 8
 NEG = float("-inf")
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
@@ -68,9 +69,10 @@ def block_scores(q, c1, c2, q_pos, cfg: SparseConfig, n_blocks: int, transposed:
     pos1 = q_pos[:, None, :, None] + 1  # (N, 1, T, 1)
     used = [0]
 
-    def logits(c, kernel, stride, scale):  # (N, G, T, Nc); only the columns some query cannot see need a mask
+    def logits(c, kernel, stride, scale, j0=0, j1=None):
+        """Logits vs columns [j0, j1) of c: (N, G, T, j1 - j0); only columns some query cannot see get a mask."""
         qs = (q.float() * scale).reshape(n, g * t, d)
-        ct = c if transposed else c.float().transpose(1, 2)
+        ct = (c if transposed else c.float().transpose(1, 2))[..., j0:j1]
         if work is None:
             s = torch.bmm(qs, ct)
         else:
@@ -78,17 +80,26 @@ def block_scores(q, c1, c2, q_pos, cfg: SparseConfig, n_blocks: int, transposed:
             s = torch.bmm(qs, ct, out=work[used[0]: used[0] + size].view(n, g * t, ct.shape[-1]))
             used[0] += size
         s = s.view(n, g, t, -1)
-        lo = num_compressed(int(q_pos.min()) + 1, kernel, stride)
+        lo = num_compressed(int(q_pos.min()) + 1, kernel, stride) - j0
         if lo < s.shape[-1]:
-            seen = torch.arange(lo, s.shape[-1], device=q.device) * stride + kernel <= pos1
+            lo = max(lo, 0)
+            seen = torch.arange(j0 + lo, j0 + s.shape[-1], device=q.device) * stride + kernel <= pos1
             s[..., lo:].masked_fill_(~seen, NEG)
         return s
 
     lse2 = logits(c2, cfg.kernel_size2, cfg.kernel_stride2, d**-0.5).logsumexp(-1, keepdim=True)
     # no coarse key visible yet: score 0 (reference.py docstring), via exp(x - inf)
-    lse2.masked_fill_(torch.isinf(lse2), float("inf"))
-    # exp(x - lse2) as exp2 of base-2 logits: torch's exp2 runs at twice exp's speed on CPU
-    p = logits(c1, cfg.kernel_size, cfg.kernel_stride, d**-0.5 * LOG2E).sub_(lse2.mul_(LOG2E)).exp2_().sum(1)
+    lse2.masked_fill_(torch.isinf(lse2), float("inf")).mul_(LOG2E)
+    # exp(x - lse2) as exp2 of base-2 logits: torch's exp2 runs at twice exp's speed on CPU. The c1
+    # columns go SCORE_PIECE at a time, so logits -> exp2 -> head sum run on a cache-sized block
+    # (~1.7x faster than the whole width).
+    n1 = c1.shape[-1] if transposed else c1.shape[1]
+    p = q.new_empty(n, t, n1, dtype=torch.float32)
+    mark = used[0]
+    for j0 in range(0, n1, SCORE_PIECE):
+        used[0] = mark
+        part = logits(c1, cfg.kernel_size, cfg.kernel_stride, d**-0.5 * LOG2E, j0, j0 + SCORE_PIECE)
+        p[..., j0: j0 + SCORE_PIECE] = part.sub_(lse2).exp2_().sum(1)
     return pool_blocks(p, cfg, n_blocks)
 
 
