@@ -384,12 +384,16 @@ def infllmv2_cpu(q, k, v, q_pos, cfg: SparseConfig, *, c1=None, c2=None, q_score
         if t == 1:
             outs.append(_decode(qc, k, v, pc, idx, cfg, valid, grad))
             continue
+        # by query blocks from the first whole window on (before it, the block windows are mostly
+        # padding: the sliced band computes less there)
+        split = qc.shape[2]
         if contiguous and not grad and _FLASH is not None and not q.is_cuda:
-            o_band, lse_band = _band_blocks(qc, k, v, pc, cfg, valid)
-        else:
-            band = [_band(qc[:, :, i: i + BAND], k, v, pc[:, i: i + BAND], cfg, valid, grad)
-                    for i in range(0, qc.shape[2], BAND)]
-            o_band, lse_band = torch.cat([o for o, _ in band], 2), torch.cat([lse for _, lse in band], 2)
+            split = min(max(cfg.local_blocks * cfg.block_size - int(pc[0, 0]), 0), qc.shape[2])
+        band = [_band(qc[:, :, i: min(i + BAND, split)], k, v, pc[:, i: min(i + BAND, split)], cfg, valid, grad)
+                for i in range(0, split, BAND)]
+        if split < qc.shape[2]:
+            band.append(_band_blocks(qc[:, :, split:], k, v, pc[:, split:], cfg, valid))
+        o_band, lse_band = torch.cat([o for o, _ in band], 2), torch.cat([lse for _, lse in band], 2)
         outs.append(_remote(qc, k, v, pc, idx, cfg, valid, grad, o_band, lse_band))
     return torch.cat(outs, 2).reshape(b, hq, t, d).to(dt)
 
