@@ -3,22 +3,27 @@
 Rows are flattened to N = B * Hkv "groups" (one KV head and its G query heads); every op is batched
 over N. Prefill walks the queries in chunks (bounded memory), and per chunk:
 
-1. stage 1: scores vs the visible compressed keys, max-pooled to blocks, top-k (`select_blocks`);
-2. the local window (forced) is one contiguous key band per query sub-chunk: attention over a view
-   of K, no gather;
+1. stage 1: scores vs the visible compressed keys, max-pooled to blocks, top-k (`select_blocks`),
+   per query token as the spec (inference-kernels.md 1.5) and reference.py have it;
+2. the local window (forced): when the queries are consecutive positions (a prefill), the 64
+   queries of a block share their window (blocks qb - local .. qb), so each block is one dense
+   attention over an overlapping view of K with one causal pattern (`_band_blocks`, no gather);
+   otherwise one contiguous key band per query sub-chunk (`_band`);
 3. the other selected blocks (sinks and the top-k picks below the window) are (query, block) pairs.
    Pairs are sorted by block and packed into tiles of `PAIR_TILE` queries that share one key block,
-   so a key block is gathered once per tile rather than once per query, and one batched attention
-   call covers a batch of tiles;
-4. the band and the tiles return (output, log-sum-exp) and are merged exactly (online softmax).
+   so a key block is gathered once per tile rather than once per query. Inference runs a batch of
+   tiles as two bmm's into reused cache-sized buffers, with exp2 weights relative to the band's LSE
+   added per query into the band's sums; with autograd, one batched attention call per tile set;
+4. the band and the tiles are merged exactly (online softmax).
 
 Decode (one query per row) gathers the selected blocks directly: (N, K, block, D).
-Inference uses ATen's fused CPU flash kernel (it returns the LSE); with autograd on, an
+Inference uses ATen's fused CPU flash kernel for the band (it returns the LSE); with autograd on, an
 equivalent plain-matmul path runs so gradients flow to q, k and v (training through the sparse op).
 
-Cost: per (query, far block) pair the tile path runs at roughly half the FLOP rate of dense SDPA's
-flash kernel (64x64 tiles), so on CPU the speedup over dense prefill grows with context but stays
-below the 5x fewer keys InfLLM v2 reads at 64k; decode, memory-bound, gains about the ratio of keys.
+Cost (64k prefill, 16/2 heads x 64, 1 thread, random q/k): far-block tiles ~60% (the bmm's about
+half of it; query/key gathers, exp2 and the per-query adds the rest), stage 1 ~20%, window ~15%.
+Dense SDPA's flash kernel runs at about the bmm's FLOP rate, so the prefill speedup stays below the
+5x fewer keys InfLLM v2 reads at 64k (about 2.4x); decode, memory-bound, gains about the ratio of keys.
 """
 
 from __future__ import annotations
