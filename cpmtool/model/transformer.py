@@ -85,6 +85,14 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
+def slot_mask(s: int, positions: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(B, 1, T, S) bool: query t of row b sees slot s iff s <= positions[b, t] (and valid[b, s])."""
+    mask = torch.arange(s, device=positions.device)[None, None, :] <= positions[:, :, None]  # (B, T, S)
+    if valid is not None:
+        mask = mask & valid[:, None, :]
+    return mask[:, None]
+
+
 class KVCache:
     """Preallocated per-layer K/V buffers, (B, Hkv, S, D) each, written at explicit positions.
 
@@ -135,9 +143,7 @@ class KVCache:
         so it is built once per forward instead of once per layer.
         """
         if self._mask is None or self._mask[0] is not positions or self._mask[1].shape[-1] != self.used:
-            slots = torch.arange(self.used, device=positions.device)
-            mask = (slots[None, None, :] <= positions[:, :, None]) & self.valid[:, None, : self.used]  # (B, T, S)
-            self._mask = (positions, mask[:, None])
+            self._mask = (positions, slot_mask(self.used, positions, self.valid[:, : self.used]))
         return self._mask[1]
 
     def grow(self, max_len: int) -> None:
@@ -222,11 +228,7 @@ def dense_attention(q, k, v, *, positions, key_positions_valid=None, causal_no_c
     if cache is not None and s == cache.used and key_positions_valid is not None:
         mask = cache.attn_mask(positions)  # (B, 1, T, S), shared by the layers of this forward
     else:
-        slots = torch.arange(s, device=q.device)
-        mask = slots[None, None, :] <= positions[:, :, None]  # (B, T, S)
-        if key_positions_valid is not None:
-            mask = mask & key_positions_valid[:, None, :]
-        mask = mask[:, None]
+        mask = slot_mask(s, positions, key_positions_valid)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
 
 

@@ -118,6 +118,9 @@ class Asker:
         the answer it gets back."""
         p = params or self.params
         p = p.with_(seed=derive_seed(p.seed, *seed_parts))
+        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + [
+            {"role": "user", "content": text}]
+        plain = (f"{self.system}\n\n" if self.system else "") + text
         if prefill is not None:
             from cpmtool.model.tokenizer import chat_prompt
 
@@ -125,16 +128,11 @@ class Asker:
             if tok is None:
                 raise ConfigError("--prefill needs the model's tokenizer (a local model; for --engine openai, "
                                   "--model must name a local model)")
-            msgs = ([{"role": "system", "content": self.system}] if self.system else []) + [
-                {"role": "user", "content": text}]
-            head = chat_prompt(tok, msgs) if self.chat else (f"{self.system}\n\n" if self.system else "") + text
-            req = Request(prompt=head + prefill, params=p, id=rid)
+            req = Request(prompt=(chat_prompt(tok, msgs) if self.chat else plain) + prefill, params=p, id=rid)
         elif self.chat:
-            msgs = ([{"role": "system", "content": self.system}] if self.system else []) + [
-                {"role": "user", "content": text}]
             req = Request(messages=msgs, params=p, id=rid)
         else:
-            req = Request(prompt=(f"{self.system}\n\n" if self.system else "") + text, params=p, id=rid)
+            req = Request(prompt=plain, params=p, id=rid)
         if self.encodes and self.max_len is not None and len(self.engine.encode(req)) + 1 > self.max_len:
             return "prompt_too_long"
         return req
