@@ -166,7 +166,6 @@ def _band(q, k, v, q_pos, cfg: SparseConfig, key_valid, grad):
     return _attend(q, k[:, None, lo:hi], v[:, None, lo:hi], bias, grad)
 
 
-
 def _band_blocks(q, k, v, q_pos, cfg: SparseConfig, key_valid):
     """Inference band when every row's queries are the same contiguous positions: the queries of one
     block share their window (blocks qb - local_blocks .. qb, L keys), so each block is a dense
