@@ -14,6 +14,8 @@ from cpmtool.kernels.infllmv2.config import num_compressed
 from cpmtool.model.config import ModelConfig
 from cpmtool.model.transformer import ATTENTION, Transformer
 
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+ON_GPU = pytest.param("cuda", marks=[requires_cuda, pytest.mark.gpu])
 SMALL = dict(kernel_size=8, kernel_stride=4, init_blocks=1, block_size=16, window_size=32, topk=3, dense_len=-1)
 
 
@@ -142,9 +144,11 @@ def test_use_nope_scores_blocks_with_pre_rope_keys():
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-4, rtol=1e-4)
 
 
-def test_training_through_sparse_attention_lowers_the_loss():
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
+def test_training_through_sparse_attention_lowers_the_loss(device):
     # cpm-tiny's architecture (μP MiniCPM, GQA, its init), shrunk, with sparse attention on 16-token
-    # blocks: 95-token rows use far blocks, so the backward runs through the tiled sparse path
+    # blocks: 95-token rows use far blocks, so the backward runs through the tiled sparse path (on
+    # CUDA: the Triton forward and backward kernels)
     from cpmtool.model.tiny import init_mup
 
     sparse = dict(kernel_size=8, kernel_stride=4, init_blocks=1, block_size=16, window_size=16, topk=2, dense_len=-1)
@@ -157,11 +161,12 @@ def test_training_through_sparse_attention_lowers_the_loss():
     torch.manual_seed(0)
     model = Transformer(cfg)
     init_mup(model, r["init_std"])
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     gen = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(15):
-        ids = (torch.randint(0, 32, (4, 1), generator=gen) + 7 * torch.arange(96)) % 32  # a learnable stream
+        ids = ((torch.randint(0, 32, (4, 1), generator=gen) + 7 * torch.arange(96)) % 32).to(device)  # learnable
         loss = F.cross_entropy(model(ids[:, :-1]).reshape(-1, 32), ids[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
@@ -173,9 +178,10 @@ def test_training_through_sparse_attention_lowers_the_loss():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-@pytest.mark.parametrize("t", [16384, 32768])
-def test_retrieval_at_16k_and_32k_tokens_sparse_agrees_with_dense(t):
-    """Needles in a 16k haystack: each query matches one key far outside the local window.
+@pytest.mark.parametrize("t, device", [(16384, "cpu"), (32768, "cpu"), pytest.param(131072, "cuda",
+                                                                               marks=[requires_cuda, pytest.mark.gpu])])
+def test_retrieval_at_long_context_sparse_agrees_with_dense(t, device):
+    """Needles in a 16k-128k haystack: each query matches one key far outside the local window.
 
     Dense attention puts almost all weight on the needle, so its output is the needle's value; the
     sparse op agrees only if stage 1 put the needle's block in that query's top-k. MiniCPM4's
@@ -195,8 +201,15 @@ def test_retrieval_at_16k_and_32k_tokens_sparse_agrees_with_dense(t):
         q[0, :, i] = q[0, :, i] + u.repeat_interleave(g, 0) * 8
     q_pos = torch.full((1, n_q), t - 1)
     with torch.no_grad():
-        sparse = cpu.infllmv2_cpu(q, k, v, q_pos, cfg)
-        dense = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # the last token sees every key
+        if device == "cuda":  # the Triton kernels (fp32, IEEE dots) against SDPA on the GPU
+            from cpmtool.kernels.infllmv2.triton import infllmv2_triton
+
+            qg, kg, vg = q.cuda(), k.cuda(), v.cuda()
+            sparse = infllmv2_triton(qg, kg, vg, q_pos.cuda(), cfg).cpu()
+            dense = F.scaled_dot_product_attention(qg, kg, vg, enable_gqa=True).cpu()
+        else:
+            sparse = cpu.infllmv2_cpu(q, k, v, q_pos, cfg)
+            dense = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # the last token sees every key
         c1, c2 = cpu.compress(k[0], 32, 16), cpu.compress(k[0], 128, 64)
         idx = cpu.select_blocks(cpu.block_scores(q.view(hkv, g, n_q, d), c1, c2, q_pos.expand(hkv, -1), cfg,
                                                  t // 64), q_pos.expand(hkv, -1), cfg)
@@ -206,3 +219,27 @@ def test_retrieval_at_16k_and_32k_tokens_sparse_agrees_with_dense(t):
     needle_v = v[0, :, needles].repeat_interleave(g, 0)  # (Hq, n_q, D)
     torch.testing.assert_close(dense[0], needle_v, atol=0.05, rtol=0.05)  # the task is retrieval
     torch.testing.assert_close(sparse, dense, atol=1e-3, rtol=1e-3)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_on_gpu_the_model_runs_the_triton_kernels_and_matches_the_torch_path(monkeypatch):
+    from cpmtool.kernels.infllmv2 import triton as tri
+
+    calls = []
+    real = tri.infllmv2_triton
+    monkeypatch.setattr(tri, "infllmv2_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    m, _ = twins(SMALL)
+    ids = torch.randint(0, 97, (2, 300))
+    pos = torch.arange(300).expand(2, -1)
+    with torch.no_grad():
+        want = m(ids)  # CPU: the batched torch path
+        m.cuda()
+        ids, pos = ids.cuda(), pos.cuda()
+        full = m(ids)
+        assert len(calls) == 2  # one call per layer: the Triton kernels, not the torch fallback
+        cache = m.new_cache(2, 320)
+        outs = [m(ids[:, :150], pos[:, :150], cache)]
+        outs += [m(ids[:, t: t + 1], pos[:, t: t + 1], cache) for t in range(150, 300)]  # cached c1/c2
+    torch.testing.assert_close(full.cpu(), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(outs, 1).cpu(), want, atol=1e-4, rtol=1e-4)
