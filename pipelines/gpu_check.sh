@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 from cpmtool.kernels.infllmv2 import SparseConfig
+from cpmtool.kernels.infllmv2 import triton as tri
+from cpmtool.kernels.infllmv2.cpu import compress, pool_blocks, select_blocks
 from cpmtool.kernels.infllmv2.triton import infllmv2_triton
 
 cfg = SparseConfig(dense_len=-1)
@@ -50,8 +52,25 @@ for t in (8192, 32768, 65536):
 
     d_ms = do_bench(dense, warmup=50, rep=200, return_mode="median")
     s_ms = do_bench(sparse, warmup=50, rep=200, return_mode="median")
-    rows.append({"op": "attention_fwd_bwd", "context": t, "dense_ms": d_ms, "sparse_ms": s_ms, "speedup": d_ms / s_ms})
-    print(f"fwd+bwd {t:>6} tokens: sdpa {d_ms:8.2f} ms  infllmv2-triton {s_ms:8.2f} ms  speedup {d_ms / s_ms:5.2f}x")
+    # where the sparse time goes: block selection (compress, stage 1, pooling, top-k), stage-2 fwd, bwd
+    n, qs, ks, vs, ps = 2, q.detach().reshape(2, 8, t, 64), k.detach().reshape(2, t, 64), v.detach().reshape(2, t, 64), \
+        pos.expand(2, t).to(torch.int32).contiguous()
+
+    def select():
+        c1, c2 = compress(ks, cfg.kernel_size, cfg.kernel_stride), compress(ks, cfg.kernel_size2, cfg.kernel_stride2)
+        sc = tri.stage1_scores(qs, c1, c2, ps, cfg)
+        return select_blocks(pool_blocks(sc, cfg, -(-t // cfg.block_size)), ps, cfg).to(torch.int32).contiguous()
+
+    idx = select()
+    o, lse = tri.infllmv2_fwd(qs, ks, vs, idx, ps, cfg.block_size)
+    dor = do.reshape(2, 8, t, 64)
+    parts = {name: do_bench(fn, warmup=20, rep=100, return_mode="median") for name, fn in (
+        ("select", select), ("fwd", lambda: tri.infllmv2_fwd(qs, ks, vs, idx, ps, cfg.block_size)),
+        ("bwd", lambda: tri.infllmv2_bwd(dor, qs, ks, vs, o, lse, idx, ps, cfg.block_size)))}
+    rows.append({"op": "attention_fwd_bwd", "context": t, "dense_ms": d_ms, "sparse_ms": s_ms, "speedup": d_ms / s_ms,
+                 "sparse_parts_ms": parts})
+    print(f"fwd+bwd {t:>6} tokens: sdpa {d_ms:8.2f} ms  infllmv2-triton {s_ms:8.2f} ms  speedup {d_ms / s_ms:5.2f}x"
+          f"  (select {parts['select']:.2f}, fwd {parts['fwd']:.2f}, bwd {parts['bwd']:.2f} ms)")
 with open(sys.argv[1], "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
 EOF

@@ -26,7 +26,7 @@ def block_scores(q, c1, c2, q_pos, cfg: SparseConfig):
     qg = q.float().reshape(hkv, hq // hkv, t, d)  # (Hkv, G, T, D)
 
     def logits(c, kernel, stride):  # compressed key j is visible once its whole window is in the past
-        seen = torch.arange(c.shape[1]) * stride + kernel <= q_pos[:, None] + 1  # (T, N)
+        seen = torch.arange(c.shape[1], device=c.device) * stride + kernel <= q_pos[:, None] + 1  # (T, N)
         return (qg @ c.float()[:, None].transpose(-1, -2) / d**0.5).masked_fill(~seen, float("-inf"))
 
     lse2 = torch.logsumexp(logits(c2, cfg.kernel_size2, cfg.kernel_stride2), -1, keepdim=True)
@@ -34,7 +34,8 @@ def block_scores(q, c1, c2, q_pos, cfg: SparseConfig):
     p = torch.where(torch.isfinite(lse2), p, 0.0).sum(1)  # (Hkv, T, N1)
     n_blocks = -(-int(q_pos.max() + 1) // cfg.block_size)
     # block b takes the max over the compressed windows that overlap it
-    j, b = torch.arange(c1.shape[1])[:, None] * cfg.kernel_stride, torch.arange(n_blocks)[None] * cfg.block_size
+    j = torch.arange(c1.shape[1], device=c1.device)[:, None] * cfg.kernel_stride
+    b = torch.arange(n_blocks, device=c1.device)[None] * cfg.block_size
     overlap = (j < b + cfg.block_size) & (j + cfg.kernel_size > b)  # (N1, n_blocks)
     return torch.where(overlap, p[..., None], 0.0).amax(-2) if p.shape[-1] else p.new_zeros(hkv, t, n_blocks)
 
@@ -42,7 +43,7 @@ def block_scores(q, c1, c2, q_pos, cfg: SparseConfig):
 def select_blocks(scores, q_pos, cfg: SparseConfig):
     """Top-k blocks per (kv head, query) with sink and local blocks forced -> (Hkv, T, K) sorted, -1 = unused."""
     qb = (q_pos // cfg.block_size)[:, None]  # (T, 1)
-    b = torch.arange(scores.shape[-1])[None]
+    b = torch.arange(scores.shape[-1], device=scores.device)[None]
     forced = (b < cfg.init_blocks) | ((b >= qb - cfg.local_blocks) & (b <= qb))
     s = torch.where(forced, float("inf"), scores).masked_fill(b > qb, float("-inf"))
     # ties (frequent: neighbouring blocks share the max-pooled window on their border) go to the lower block
@@ -54,8 +55,8 @@ def sparse_attention(q, k, v, idx, q_pos, block_size: int):
     """Stage 2: causal attention restricted to the selected blocks. q (Hq, T, D); k, v (Hkv, S, D)."""
     hkv, s = k.shape[:2]
     g = q.shape[0] // hkv
-    sel = (idx[..., None] == torch.arange(-(-s // block_size))).any(-2)  # (Hkv, T, n_blocks)
-    keys = torch.arange(s)
+    sel = (idx[..., None] == torch.arange(-(-s // block_size), device=idx.device)).any(-2)  # (Hkv, T, n_blocks)
+    keys = torch.arange(s, device=idx.device)
     mask = sel[..., keys // block_size] & (keys <= q_pos[:, None])  # (Hkv, T, S)
     att = (q.float() @ k.float().repeat_interleave(g, 0).transpose(-1, -2)) / q.shape[-1] ** 0.5
     att = att.masked_fill(~mask.repeat_interleave(g, 0), float("-inf")).softmax(-1)
