@@ -62,15 +62,20 @@ for t in (8192, 32768, 65536):
         return select_blocks(pool_blocks(sc, cfg, -(-t // cfg.block_size)), ps, cfg).to(torch.int32).contiguous()
 
     idx = select()
-    o, lse = tri.infllmv2_fwd(qs, ks, vs, idx, ps, cfg.block_size)
+    bq = tri.calculate_settings(8, 64, cfg.block_size, t)["BQ"]
+    plan = tri.tile_plan(idx, -(-t // cfg.block_size), bq)
+    o, lse, _ = tri.infllmv2_fwd(qs, ks, vs, idx, ps, cfg.block_size, plan)
     dor = do.reshape(2, 8, t, 64)
     parts = {name: do_bench(fn, warmup=20, rep=100, return_mode="median") for name, fn in (
-        ("select", select), ("fwd", lambda: tri.infllmv2_fwd(qs, ks, vs, idx, ps, cfg.block_size)),
-        ("bwd", lambda: tri.infllmv2_bwd(dor, qs, ks, vs, o, lse, idx, ps, cfg.block_size)))}
+        ("select", select), ("plan", lambda: tri.tile_plan(idx, -(-t // cfg.block_size), bq)),
+        ("fwd", lambda: tri.infllmv2_fwd(qs, ks, vs, idx, ps, cfg.block_size, plan)),
+        ("bwd", lambda: tri.infllmv2_bwd(dor, qs, ks, vs, o, lse, ps, cfg.block_size, plan)))}
+    parts["union_blocks_mean"] = plan.count.float().mean().item()
     rows.append({"op": "attention_fwd_bwd", "context": t, "dense_ms": d_ms, "sparse_ms": s_ms, "speedup": d_ms / s_ms,
                  "sparse_parts_ms": parts})
     print(f"fwd+bwd {t:>6} tokens: sdpa {d_ms:8.2f} ms  infllmv2-triton {s_ms:8.2f} ms  speedup {d_ms / s_ms:5.2f}x"
-          f"  (select {parts['select']:.2f}, fwd {parts['fwd']:.2f}, bwd {parts['bwd']:.2f} ms)")
+          f"  (select {parts['select']:.2f}, plan {parts['plan']:.2f}, fwd {parts['fwd']:.2f}, bwd {parts['bwd']:.2f} ms;"
+          f" {parts['union_blocks_mean']:.0f} blocks per {bq}-token tile)")
 with open(sys.argv[1], "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
 EOF

@@ -1,20 +1,27 @@
 """InfLLM v2 Triton kernels: stage 1 (compressed-key block scoring) and stage 2 (block-sparse attention,
 forward and backward), with the host functions that launch them.
 
-Layout: rows are N = B * Hkv groups; a program handles one (query token, group) and puts the group's
+Layout: rows are N = B * Hkv groups. Stage 1 runs a program per (query token, group) with the group's
 G query heads in the M tile (the official kernels pack the 16 heads of a token the same way), so the
-head reduction of stage 1 and the shared block list of stage 2 stay inside the program.
-Stage 2 walks the token's sorted top-k list (-1 = unused) instead of a bitmask (design note 1.9.4 of
-`../shared/reference/inference-kernels.md`); the backward adds dK/dV with atomics instead of
-transposing the mask. Pooling and top-k between the stages are torch (`cpu.pool_blocks`,
-`cpu.select_blocks`): `torch.topk` over <= 4096 blocks is cheap on a GPU.
+head reduction stays inside the program. Stage 2 runs a program per tile of BQ consecutive tokens x
+G heads (M = 128 rows): it loads each block of the tiles' union of top-k lists once and masks every
+row to its own token's picks (`tile_plan`; a per-token program re-read each block from L2 for every
+token and was 3-10x slower than dense SDPA on an H200). The backward computes dQ by query tile and
+dK/dV by key block over the transposed plan (the official kernels transpose the block mask the same
+way), with no atomics. Departure: the lists are sorted top-k indices (-1 = unused) rather than the
+bitmask of design note 1.9.4 in `../shared/reference/inference-kernels.md`. Pooling and top-k between
+the stages are torch (`cpu.pool_blocks`, `cpu.select_blocks`): `torch.topk` over <= 4096 blocks is
+cheap on a GPU.
 
 Triton is imported when this module is; `cpmtool.kernels.infllmv2` imports it only on CUDA or in tests.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -24,16 +31,24 @@ from .cpu import compress, pool_blocks, select_blocks
 MAX_HEAD_DIM = 256
 
 
-def calculate_settings(group: int, head_dim: int, block_size: int) -> dict:
-    """Tile sizes for one (token, group) program; raises RuntimeError naming the limit it breaks."""
+def calculate_settings(group: int, head_dim: int, block_size: int, tokens: int = 1) -> dict:
+    """Tile sizes; raises RuntimeError naming the limit it breaks.
+
+    Stage 1 runs one program per (token, group), its G heads padded to BLOCK_G rows. Stage 2 runs one
+    program per tile of BQ tokens x GP heads = up to 128 rows (FlashAttention-2's M tile), fewer
+    tokens when there are fewer (decode), never under the 16 rows `tl.dot` wants.
+    """
     if head_dim > MAX_HEAD_DIM:
         raise RuntimeError(f"InfLLM v2 Triton kernels support head_dim <= {MAX_HEAD_DIM}, got {head_dim}.")
     if block_size < 16 or block_size & (block_size - 1):
         raise RuntimeError(f"InfLLM v2 Triton kernels need a power-of-two block_size >= 16, got {block_size}.")
+    gp = triton.next_power_of_2(group)
     return {
         "BLOCK_G": max(16, triton.next_power_of_2(group)),  # tl.dot wants >= 16 rows
         "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
         "BLOCK_C": 64,  # compressed keys per stage-1 step
+        "GP": gp,
+        "BQ": max(16 // gp, min(128 // gp, triton.next_power_of_2(max(1, tokens)))) if gp < 128 else 1,
     }
 
 
@@ -82,28 +97,45 @@ def _stage1_kernel(Q, C1, C2, POS, OUT, n1_max, n2_max, G, D, scale,
 
 
 @triton.jit
-def _infllmv2_fwd_kernel(Q, K, V, IDX, POS, OUT, LSE, n_sel, G, D, S, scale,
-                         sq_n, sq_g, sq_t, sk_n, sk_s, si_n, si_t, sp_n, so_n, so_g, so_t, sl_n, sl_g,
-                         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    t, n = tl.program_id(0), tl.program_id(1)
-    gi, di, ki = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
-    gm, dm = gi < G, di < D
-    q = tl.load(Q + n * sq_n + gi[:, None] * sq_g + t * sq_t + di[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
-    pos = tl.load(POS + n * sp_n + t)
-    m = tl.full([BLOCK_G], -1.0e30, tl.float32)  # finite, so an empty first block gives exp(-inf) = 0, not NaN
-    den = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for i in range(0, n_sel):
-        blk = tl.load(IDX + n * si_n + t * si_t + i)
-        kpos = tl.where(blk >= 0, blk * BLOCK_N + ki, S)  # an unused entry (-1) points past the keys
-        km = (kpos <= pos) & (kpos < S)
+def _rows(n, tile, T, G, POS, sp_n, BQ: tl.constexpr, GP: tl.constexpr):
+    """The M = BQ * GP rows of a tile: query token (tile*BQ + r // GP) x head (r % GP), token-major."""
+    r = tl.arange(0, BQ * GP)
+    tok = tile * BQ + r // GP
+    g = r % GP
+    rm = (tok < T) & (g < G)
+    pos = tl.load(POS + n * sp_n + tok, mask=rm, other=-1)  # a padding row sees no key
+    return tok, g, rm, pos
+
+
+@triton.jit
+def _infllmv2_fwd_kernel(Q, K, V, UNION, COUNT, MEMBER, POS, OUT, LSE, T, G, D, S, scale,
+                         sq_n, sq_g, sq_t, sk_n, sk_s, su_n, su_t, sc_n, sm_n, sm_t, sp_n, so_n, so_g, so_t,
+                         sl_n, sl_g,
+                         BQ: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         IEEE: tl.constexpr):
+    tile, n = tl.program_id(0), tl.program_id(1)
+    tok, g, rm, pos = _rows(n, tile, T, G, POS, sp_n, BQ, GP)
+    di, ki = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
+    dm = di < D
+    qmask = rm[:, None] & dm[None, :]
+    q = tl.load(Q + n * sq_n + g[:, None] * sq_g + tok[:, None] * sq_t + di[None, :], mask=qmask, other=0.0)
+    m = tl.full([BQ * GP], -1.0e30, tl.float32)  # finite, so a row with no key yet gives exp(-inf) = 0, not NaN
+    den = tl.zeros([BQ * GP], tl.float32)
+    acc = tl.zeros([BQ * GP, BLOCK_D], tl.float32)
+    count = tl.load(COUNT + n * sc_n + tile)
+    for i in range(0, count):  # the tile's union of selected blocks, ascending
+        blk = tl.load(UNION + n * su_n + tile * su_t + i)
+        kpos = blk * BLOCK_N + ki
+        km = kpos < S
         k = tl.load(K + n * sk_n + kpos[:, None] * sk_s + di[None, :], mask=km[:, None] & dm[None, :], other=0.0)
         v = tl.load(V + n * sk_n + kpos[:, None] * sk_s + di[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+        sel = tl.load(MEMBER + n * sm_n + tok * sm_t + i, mask=rm, other=0)  # did this row's token pick it
+        ok = (sel[:, None] != 0) & (kpos[None, :] <= pos[:, None]) & km[None, :]
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
             s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(km[None, :], s, float("-inf"))
+        s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -113,55 +145,100 @@ def _infllmv2_fwd_kernel(Q, K, V, IDX, POS, OUT, LSE, n_sel, G, D, S, scale,
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-    o = acc / den[:, None]
-    tl.store(OUT + n * so_n + gi[:, None] * so_g + t * so_t + di[None, :], o.to(OUT.dtype.element_ty),
-             mask=gm[:, None] & dm[None, :])
-    tl.store(LSE + n * sl_n + gi * sl_g + t, m + tl.log(tl.maximum(den, 1e-30)), mask=gm)
+    o = acc / tl.maximum(den, 1e-30)[:, None]
+    tl.store(OUT + n * so_n + g[:, None] * so_g + tok[:, None] * so_t + di[None, :], o.to(OUT.dtype.element_ty),
+             mask=qmask)
+    tl.store(LSE + n * sl_n + g * sl_g + tok, m + tl.log(tl.maximum(den, 1e-30)), mask=rm)
 
 
 @triton.jit
-def _infllmv2_bwd_kernel(Q, K, V, IDX, POS, DO, LSE, DELTA, DQ, DK, DV, n_sel, G, D, S, scale,
-                         sq_n, sq_g, sq_t, sk_n, sk_s, si_n, si_t, sp_n, sl_n, sl_g,
-                         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    # q, do, dq share q's strides; k, v, dk, dv share k's; lse, delta share (N, G, T) strides
-    t, n = tl.program_id(0), tl.program_id(1)
-    gi, di, ki = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
-    gm, dm = gi < G, di < D
-    qoff = n * sq_n + gi[:, None] * sq_g + t * sq_t + di[None, :]
-    qmask = gm[:, None] & dm[None, :]
+def _infllmv2_bwd_dq_kernel(Q, K, V, UNION, COUNT, MEMBER, POS, DO, LSE, DELTA, DQ, T, G, D, S, scale,
+                            sq_n, sq_g, sq_t, sk_n, sk_s, su_n, su_t, sc_n, sm_n, sm_t, sp_n, sl_n, sl_g,
+                            BQ: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                            IEEE: tl.constexpr):
+    # q, do, dq share q's strides; lse, delta share (N, G, T) strides
+    tile, n = tl.program_id(0), tl.program_id(1)
+    tok, g, rm, pos = _rows(n, tile, T, G, POS, sp_n, BQ, GP)
+    di, ki = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
+    dm = di < D
+    qmask = rm[:, None] & dm[None, :]
+    qoff = n * sq_n + g[:, None] * sq_g + tok[:, None] * sq_t + di[None, :]
     q = tl.load(Q + qoff, mask=qmask, other=0.0)
     do = tl.load(DO + qoff, mask=qmask, other=0.0)
-    lse = tl.load(LSE + n * sl_n + gi * sl_g + t, mask=gm, other=0.0)
-    delta = tl.load(DELTA + n * sl_n + gi * sl_g + t, mask=gm, other=0.0)
-    pos = tl.load(POS + n * sp_n + t)
-    dq = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for i in range(0, n_sel):
-        blk = tl.load(IDX + n * si_n + t * si_t + i)
-        kpos = tl.where(blk >= 0, blk * BLOCK_N + ki, S)  # an unused entry (-1) points past the keys
-        km = (kpos <= pos) & (kpos < S)
-        koff = n * sk_n + kpos[:, None] * sk_s + di[None, :]
-        kmask = km[:, None] & dm[None, :]
-        k = tl.load(K + koff, mask=kmask, other=0.0)
-        v = tl.load(V + koff, mask=kmask, other=0.0)
+    lse = tl.load(LSE + n * sl_n + g * sl_g + tok, mask=rm, other=0.0)
+    delta = tl.load(DELTA + n * sl_n + g * sl_g + tok, mask=rm, other=0.0)
+    dq = tl.zeros([BQ * GP, BLOCK_D], tl.float32)
+    count = tl.load(COUNT + n * sc_n + tile)
+    for i in range(0, count):
+        blk = tl.load(UNION + n * su_n + tile * su_t + i)
+        kpos = blk * BLOCK_N + ki
+        km = kpos < S
+        k = tl.load(K + n * sk_n + kpos[:, None] * sk_s + di[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+        v = tl.load(V + n * sk_n + kpos[:, None] * sk_s + di[None, :], mask=km[:, None] & dm[None, :], other=0.0)
+        sel = tl.load(MEMBER + n * sm_n + tok * sm_t + i, mask=rm, other=0)
+        ok = (sel[:, None] != 0) & (kpos[None, :] <= pos[:, None]) & km[None, :]
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k)) * scale
             dp = tl.dot(do, tl.trans(v))
-        p = tl.where(km[None, :] & gm[:, None], tl.exp(s - lse[:, None]), 0.0)  # (G, N)
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # (M, BLOCK_N)
         ds = p * (dp - delta[:, None]) * scale
         if IEEE:
             dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-            dk = tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee")
-            dv = tl.dot(tl.trans(p), do.to(tl.float32), input_precision="ieee")
         else:
             dq += tl.dot(ds.to(k.dtype), k)
-            dk = tl.dot(tl.trans(ds).to(q.dtype), q)
-            dv = tl.dot(tl.trans(p).to(do.dtype), do)
-        tl.atomic_add(DK + koff, dk, mask=kmask)
-        tl.atomic_add(DV + koff, dv, mask=kmask)
     tl.store(DQ + qoff, dq.to(DQ.dtype.element_ty), mask=qmask)
+
+
+@triton.jit
+def _infllmv2_bwd_dkdv_kernel(Q, K, V, OFFSETS, PAIR_TILE, PAIR_SLOT, MEMBER, POS, DO, LSE, DELTA, DK, DV,
+                              T, G, D, S, n_kb, scale, sq_n, sq_g, sq_t, sk_n, sk_s, sm_n, sm_t, sp_n, sl_n, sl_g,
+                              BQ: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                              IEEE: tl.constexpr):
+    # one key block: walks the tiles whose union holds it (the transposed plan), so no atomics
+    b, n = tl.program_id(0), tl.program_id(1)
+    di, ki = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
+    dm = di < D
+    kpos = b * BLOCK_N + ki
+    km = kpos < S
+    koff = n * sk_n + kpos[:, None] * sk_s + di[None, :]
+    kmask = km[:, None] & dm[None, :]
+    k = tl.load(K + koff, mask=kmask, other=0.0)
+    v = tl.load(V + koff, mask=kmask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    start = tl.load(OFFSETS + n * n_kb + b)
+    end = tl.load(OFFSETS + n * n_kb + b + 1)
+    for j in range(start, end):
+        tile = tl.load(PAIR_TILE + j)
+        slot = tl.load(PAIR_SLOT + j)
+        tok, g, rm, pos = _rows(n, tile, T, G, POS, sp_n, BQ, GP)
+        qmask = rm[:, None] & dm[None, :]
+        qoff = n * sq_n + g[:, None] * sq_g + tok[:, None] * sq_t + di[None, :]
+        q = tl.load(Q + qoff, mask=qmask, other=0.0)
+        do = tl.load(DO + qoff, mask=qmask, other=0.0)
+        lse = tl.load(LSE + n * sl_n + g * sl_g + tok, mask=rm, other=0.0)
+        delta = tl.load(DELTA + n * sl_n + g * sl_g + tok, mask=rm, other=0.0)
+        sel = tl.load(MEMBER + n * sm_n + tok * sm_t + slot, mask=rm, other=0)
+        ok = (sel[:, None] != 0) & (kpos[None, :] <= pos[:, None]) & km[None, :]
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+            dp = tl.dot(do, tl.trans(v))
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # (M, BLOCK_N)
+        ds = p * (dp - delta[:, None]) * scale
+        if IEEE:
+            dv += tl.dot(tl.trans(p), do.to(tl.float32), input_precision="ieee")
+            dk += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee")
+        else:
+            dv += tl.dot(tl.trans(p).to(do.dtype), do)
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+    tl.store(DK + koff, dk.to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + koff, dv.to(DV.dtype.element_ty), mask=kmask)
 
 
 def stage1_scores(q, c1, c2, q_pos, cfg: SparseConfig) -> torch.Tensor:
@@ -181,35 +258,101 @@ def stage1_scores(q, c1, c2, q_pos, cfg: SparseConfig) -> torch.Tensor:
     return out
 
 
-def infllmv2_fwd(q, k, v, idx, q_pos, block_size: int):
-    """Stage 2 forward. q (N, G, T, D); k, v (N, S, D); idx (N, T, K) int, -1 = unused -> o (N,G,T,D), lse (N,G,T)."""
+class TilePlan(NamedTuple):
+    """Stage 2's work list: query tiles of BQ consecutive tokens over the union of their selected blocks.
+
+    union (N, NT, U) int32, ascending, -1 pad; count (N, NT) int32; member (N, T, U) uint8, 1 where
+    token t selected union[n, t // BQ, u]; and the transpose for the dK/dV kernel, per key block the
+    (tile, slot) pairs holding it: offsets (N * n_kb + 1,), pair_tile, pair_slot (P,) int32.
+    """
+    bq: int
+    union: torch.Tensor
+    count: torch.Tensor
+    member: torch.Tensor
+    offsets: torch.Tensor
+    pair_tile: torch.Tensor
+    pair_slot: torch.Tensor
+
+
+def tile_plan(idx: torch.Tensor, n_key_blocks: int, bq: int, transpose: bool = True) -> TilePlan:
+    """Build the TilePlan from the per-token lists idx (N, T, K) int, sorted, -1 = unused; the transposed
+    pairs only with `transpose` (the backward needs them; inference skips their sort and host sync).
+
+    Consecutive queries share most of their blocks (the local window always, the top-k largely), so a
+    tile loads the union once for all its rows and masks each row to its own picks: the official
+    kernels get the same reuse from the 16 heads of a token, which MiniCPM4-0.5B's 8 per group do not fill.
+    """
+    n, t, kk = idx.shape
+    nt = -(-t // bq)
+    big = torch.iinfo(torch.int32).max
+    x = F.pad(idx.to(torch.int32), (0, 0, 0, nt * bq - t), value=-1).view(n, nt, bq * kk)
+    x = x.masked_fill(x < 0, big).sort(-1).values
+    x[..., 1:].masked_fill_(x[..., 1:] == x[..., :-1], big)  # a repeat of the previous entry
+    x = x.sort(-1).values
+    count = (x < big).sum(-1, dtype=torch.int32)  # (N, NT)
+    union = x[..., : max(1, int(count.max()))]
+    union = union.masked_fill(union == big, -1).contiguous()  # (N, NT, U)
+    per_tok = union.repeat_interleave(bq, 1)[:, :t]  # (N, T, U): the token's tile's union
+    srt = idx.to(torch.int32).contiguous()
+    at = torch.searchsorted(srt, per_tok.contiguous()).clamp_(max=kk - 1)
+    member = ((srt.gather(2, at) == per_tok) & (per_tok >= 0)).to(torch.uint8).contiguous()
+    if not transpose:
+        none = idx.new_empty(0, dtype=torch.int32)
+        return TilePlan(bq, union, count.contiguous(), member, none, none, none)
+    valid = union >= 0
+    where = valid.nonzero()  # (P, 3): n, tile, slot
+    key = where[:, 0] * n_key_blocks + union[valid].long()
+    order = key.argsort(stable=True)
+    offsets = torch.zeros(n * n_key_blocks + 1, dtype=torch.int32, device=idx.device)
+    offsets[1:] = torch.bincount(key, minlength=n * n_key_blocks).cumsum(0)
+    return TilePlan(bq, union, count.contiguous(), member, offsets, where[order, 1].to(torch.int32).contiguous(),
+                    where[order, 2].to(torch.int32).contiguous())
+
+
+def _launch_opts(st: dict) -> dict:
+    rows = st["BQ"] * st["GP"]
+    return {"num_warps": 8 if rows * st["BLOCK_D"] >= 128 * 64 else 4}
+
+
+def infllmv2_fwd(q, k, v, idx, q_pos, block_size: int, plan: TilePlan | None = None, transpose: bool = True):
+    """Stage 2 forward. q (N, G, T, D); k, v (N, S, D); idx (N, T, K) int, -1 = unused; q_pos (N, T) int32
+    -> o (N, G, T, D), lse (N, G, T), plan (reuse it for the backward: built with `transpose`)."""
     n, g, t, d = q.shape
-    st = calculate_settings(g, d, block_size)
+    st = calculate_settings(g, d, block_size, t)
+    if plan is None:
+        plan = tile_plan(idx, -(-k.shape[1] // block_size), st["BQ"], transpose)
     o = torch.empty_like(q)
     lse = torch.empty(n, g, t, device=q.device, dtype=torch.float32)
-    _infllmv2_fwd_kernel[(t, n)](q, k, v, idx, q_pos, o, lse, idx.shape[-1], g, d, k.shape[1], d**-0.5,
-                                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                                 idx.stride(0), idx.stride(1), q_pos.stride(0),
-                                 o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-                                 BLOCK_G=st["BLOCK_G"], BLOCK_D=st["BLOCK_D"], BLOCK_N=block_size,
-                                 IEEE=q.dtype == torch.float32)
-    return o, lse
+    _infllmv2_fwd_kernel[(plan.count.shape[1], n)](
+        q, k, v, plan.union, plan.count, plan.member, q_pos, o, lse, t, g, d, k.shape[1], d**-0.5,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), plan.union.stride(0), plan.union.stride(1),
+        plan.count.stride(0), plan.member.stride(0), plan.member.stride(1), q_pos.stride(0),
+        o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        BQ=st["BQ"], GP=st["GP"], BLOCK_D=st["BLOCK_D"], BLOCK_N=block_size, IEEE=q.dtype == torch.float32,
+        **_launch_opts(st))
+    return o, lse, plan
 
 
-def infllmv2_bwd(do, q, k, v, o, lse, idx, q_pos, block_size: int):
+def infllmv2_bwd(do, q, k, v, o, lse, q_pos, block_size: int, plan: TilePlan):
+    """Stage 2 backward: dq by query tile, dk/dv by key block over the transposed plan (no atomics)."""
     n, g, t, d = q.shape
-    st = calculate_settings(g, d, block_size)
+    st = calculate_settings(g, d, block_size, t)
     do = do.contiguous()
     delta = (do.float() * o.float()).sum(-1).contiguous()  # (N, G, T)
-    dq = torch.empty_like(q)
-    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32)
-    _infllmv2_bwd_kernel[(t, n)](q, k, v, idx, q_pos, do, lse, delta, dq, dk, dv, idx.shape[-1], g, d, k.shape[1],
-                                 d**-0.5, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                                 idx.stride(0), idx.stride(1), q_pos.stride(0), lse.stride(0), lse.stride(1),
-                                 BLOCK_G=st["BLOCK_G"], BLOCK_D=st["BLOCK_D"], BLOCK_N=block_size,
-                                 IEEE=q.dtype == torch.float32)
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    ieee, opts = q.dtype == torch.float32, _launch_opts(st)
+    common = dict(BQ=st["BQ"], GP=st["GP"], BLOCK_D=st["BLOCK_D"], BLOCK_N=block_size, IEEE=ieee, **opts)
+    _infllmv2_bwd_dq_kernel[(plan.count.shape[1], n)](
+        q, k, v, plan.union, plan.count, plan.member, q_pos, do, lse, delta, dq, t, g, d, k.shape[1], d**-0.5,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), plan.union.stride(0), plan.union.stride(1),
+        plan.count.stride(0), plan.member.stride(0), plan.member.stride(1), q_pos.stride(0),
+        lse.stride(0), lse.stride(1), **common)
+    n_kb = -(-k.shape[1] // block_size)
+    _infllmv2_bwd_dkdv_kernel[(n_kb, n)](
+        q, k, v, plan.offsets, plan.pair_tile, plan.pair_slot, plan.member, q_pos, do, lse, delta, dk, dv,
+        t, g, d, k.shape[1], n_kb, d**-0.5, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        plan.member.stride(0), plan.member.stride(1), q_pos.stride(0), lse.stride(0), lse.stride(1), **common)
+    return dq, dk, dv
 
 
 class InfLLMv2Function(torch.autograd.Function):
@@ -221,15 +364,15 @@ class InfLLMv2Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, idx, q_pos, block_size):
-        o, lse = infllmv2_fwd(q, k, v, idx, q_pos, block_size)
-        ctx.save_for_backward(q, k, v, o, lse, idx, q_pos)
-        ctx.block_size = block_size
+        o, lse, plan = infllmv2_fwd(q, k, v, idx, q_pos, block_size, transpose=any(ctx.needs_input_grad[:3]))
+        ctx.save_for_backward(q, k, v, o, lse, q_pos, *plan[1:])
+        ctx.block_size, ctx.bq = block_size, plan.bq
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, idx, q_pos = ctx.saved_tensors
-        dq, dk, dv = infllmv2_bwd(do, q, k, v, o, lse, idx, q_pos, ctx.block_size)
+        q, k, v, o, lse, q_pos, *plan = ctx.saved_tensors
+        dq, dk, dv = infllmv2_bwd(do, q, k, v, o, lse, q_pos, ctx.block_size, TilePlan(ctx.bq, *plan))
         return dq, dk, dv, None, None, None
 
 
