@@ -1,12 +1,13 @@
 """InfLLM v2 Triton kernels: stage 1 (compressed-key block scoring) and stage 2 (block-sparse attention,
 forward and backward), with the host functions that launch them.
 
-Layout: rows are N = B * Hkv groups. Stage 1 runs a program per (query token, group) with the group's
-G query heads in the M tile (the official kernels pack the 16 heads of a token the same way), so the
-head reduction stays inside the program. Stage 2 runs a program per tile of BQ consecutive tokens x
-G heads (M = 128 rows): it loads each block of the tiles' union of top-k lists once and masks every
-row to its own token's picks (`tile_plan`; a per-token program re-read each block from L2 for every
-token and was 3-10x slower than dense SDPA on an H200). The backward computes dQ by query tile and
+Layout: rows are N = B * Hkv groups; a program handles a tile of BQ consecutive query tokens x the
+group's G query heads (M = 128 rows; the official kernels pack the 16 heads of one token, which
+MiniCPM4-0.5B's 8 per group do not fill), so the head reduction of stage 1 stays inside the program
+and each compressed key is loaded once per tile. Stage 2 loads each block of the tile's union of
+top-k lists once and masks every row to its own token's picks (`tile_plan`). The first version ran
+one program per token and re-read every block from L2 for each token: 3-10x slower than dense SDPA
+on an H200. The backward computes dQ by query tile and
 dK/dV by key block over the transposed plan (the official kernels transpose the block mask the same
 way), with no atomics. Departure: the lists are sorted top-k indices (-1 = unused) rather than the
 bitmask of design note 1.9.4 in `../shared/reference/inference-kernels.md`. Pooling and top-k between
@@ -34,9 +35,9 @@ MAX_HEAD_DIM = 256
 def calculate_settings(group: int, head_dim: int, block_size: int, tokens: int = 1) -> dict:
     """Tile sizes; raises RuntimeError naming the limit it breaks.
 
-    Stage 1 runs one program per (token, group), its G heads padded to BLOCK_G rows. Stage 2 runs one
-    program per tile of BQ tokens x GP heads = up to 128 rows (FlashAttention-2's M tile), fewer
-    tokens when there are fewer (decode), never under the 16 rows `tl.dot` wants.
+    Both stages run one program per tile of BQ tokens x GP heads (G padded to a power of two) = up to
+    128 rows (FlashAttention-2's M tile), fewer tokens when there are fewer (decode), never under the
+    16 rows `tl.dot` wants.
     """
     if head_dim > MAX_HEAD_DIM:
         raise RuntimeError(f"InfLLM v2 Triton kernels support head_dim <= {MAX_HEAD_DIM}, got {head_dim}.")
@@ -44,56 +45,11 @@ def calculate_settings(group: int, head_dim: int, block_size: int, tokens: int =
         raise RuntimeError(f"InfLLM v2 Triton kernels need a power-of-two block_size >= 16, got {block_size}.")
     gp = triton.next_power_of_2(group)
     return {
-        "BLOCK_G": max(16, triton.next_power_of_2(group)),  # tl.dot wants >= 16 rows
         "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
         "BLOCK_C": 64,  # compressed keys per stage-1 step
         "GP": gp,
         "BQ": max(16 // gp, min(128 // gp, triton.next_power_of_2(max(1, tokens)))) if gp < 128 else 1,
     }
-
-
-@triton.jit
-def _stage1_kernel(Q, C1, C2, POS, OUT, n1_max, n2_max, G, D, scale,
-                   sq_n, sq_g, sq_t, sc1_n, sc1_j, sc2_n, sc2_j, sp_n, so_n, so_t,
-                   KS1: tl.constexpr, ST1: tl.constexpr, KS2: tl.constexpr, ST2: tl.constexpr,
-                   BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr):
-    t, n = tl.program_id(0), tl.program_id(1)
-    gi, di = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
-    gm, dm = gi < G, di < D
-    q = tl.load(Q + n * sq_n + gi[:, None] * sq_g + t * sq_t + di[None, :], mask=gm[:, None] & dm[None, :], other=0.0)
-    q = (q.to(tl.float32) * scale)
-    pos = tl.load(POS + n * sp_n + t)
-    # compressed key j is visible once its whole window is in the past: j*stride + kernel <= pos + 1
-    # (integer division truncates toward zero here, so a negative numerator is handled apart)
-    n2 = tl.minimum(tl.where(pos + 1 >= KS2, (pos + 1 - KS2) // ST2 + 1, 0), n2_max)
-    n1 = tl.minimum(tl.where(pos + 1 >= KS1, (pos + 1 - KS1) // ST1 + 1, 0), n1_max)
-    ci = tl.arange(0, BLOCK_C)
-    # pass 1: log-sum-exp of each head over the coarse keys (online max / sum)
-    m = tl.full([BLOCK_G], -1.0e30, tl.float32)
-    s_sum = tl.zeros([BLOCK_G], tl.float32)
-    for j0 in range(0, n2, BLOCK_C):
-        jm = (j0 + ci) < n2
-        c = tl.load(C2 + n * sc2_n + (j0 + ci)[:, None] * sc2_j + di[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(c.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(c.to(tl.float32)))
-        s = tl.where(jm[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        s_sum = s_sum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
-        m = m_new
-    # no coarse key visible yet: every score is 0 (see reference.py)
-    lse = tl.where(s_sum > 0, m + tl.log(tl.maximum(s_sum, 1e-30)), float("inf"))
-    # pass 2: exp(q.c1 - lse2), summed over the group's heads
-    for j0 in range(0, n1, BLOCK_C):  # OUT is zeroed: the keys this query cannot see stay 0
-        jm = (j0 + ci) < n1
-        c = tl.load(C1 + n * sc1_n + (j0 + ci)[:, None] * sc1_j + di[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(c.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(c.to(tl.float32)))
-        p = tl.where(jm[None, :] & gm[:, None], tl.exp(s - lse[:, None]), 0.0)
-        tl.store(OUT + n * so_n + t * so_t + j0 + ci, tl.sum(p, 0), mask=jm)
 
 
 @triton.jit
@@ -105,6 +61,55 @@ def _rows(n, tile, T, G, POS, sp_n, BQ: tl.constexpr, GP: tl.constexpr):
     rm = (tok < T) & (g < G)
     pos = tl.load(POS + n * sp_n + tok, mask=rm, other=-1)  # a padding row sees no key
     return tok, g, rm, pos
+
+
+@triton.jit
+def _stage1_kernel(Q, C1, C2, POS, OUT, T, n1_max, n2_max, G, D, scale,
+                   sq_n, sq_g, sq_t, sc1_n, sc1_j, sc2_n, sc2_j, sp_n, so_n, so_t,
+                   KS1: tl.constexpr, ST1: tl.constexpr, KS2: tl.constexpr, ST2: tl.constexpr,
+                   BQ: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+                   IEEE: tl.constexpr):
+    # one tile of BQ tokens x GP heads (token-major rows): each compressed key is loaded once per tile
+    tile, n = tl.program_id(0), tl.program_id(1)
+    tok, g, rm, pos = _rows(n, tile, T, G, POS, sp_n, BQ, GP)
+    di = tl.arange(0, BLOCK_D)
+    dm = di < D
+    q = tl.load(Q + n * sq_n + g[:, None] * sq_g + tok[:, None] * sq_t + di[None, :], mask=rm[:, None] & dm[None, :],
+                other=0.0)
+    q = (q.to(tl.float32) * scale)
+    # compressed key j is visible once its whole window is in the past: j*stride + kernel <= pos + 1
+    # (integer division truncates toward zero here, so a negative numerator is handled apart)
+    n2 = tl.minimum(tl.where(pos + 1 >= KS2, (pos + 1 - KS2) // ST2 + 1, 0), n2_max)  # (M,)
+    n1 = tl.minimum(tl.where(pos + 1 >= KS1, (pos + 1 - KS1) // ST1 + 1, 0), n1_max)
+    ci = tl.arange(0, BLOCK_C)
+    # pass 1: log-sum-exp of each row over the coarse keys (online max / sum)
+    m = tl.full([BQ * GP], -1.0e30, tl.float32)
+    s_sum = tl.zeros([BQ * GP], tl.float32)
+    for j0 in range(0, tl.max(n2, 0), BLOCK_C):
+        jm = (j0 + ci) < n2_max
+        c = tl.load(C2 + n * sc2_n + (j0 + ci)[:, None] * sc2_j + di[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(c.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(c.to(tl.float32)))
+        s = tl.where((j0 + ci)[None, :] < n2[:, None], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        s_sum = s_sum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m = m_new
+    # no coarse key visible yet: every score is 0 (see reference.py)
+    lse = tl.where(s_sum > 0, m + tl.log(tl.maximum(s_sum, 1e-30)), float("inf"))
+    tq = tile * BQ + tl.arange(0, BQ)
+    # pass 2: exp(q.c1 - lse2), summed over each token's heads
+    for j0 in range(0, tl.max(n1, 0), BLOCK_C):  # OUT is zeroed: the keys past the tile's last token stay 0
+        jm = (j0 + ci) < n1_max
+        c = tl.load(C1 + n * sc1_n + (j0 + ci)[:, None] * sc1_j + di[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(c.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(c.to(tl.float32)))
+        p = tl.where(((j0 + ci)[None, :] < n1[:, None]) & rm[:, None], tl.exp(s - lse[:, None]), 0.0)  # (M, C)
+        p = tl.sum(tl.reshape(p, [BQ, GP, BLOCK_C]), 1)  # (BQ, C)
+        tl.store(OUT + n * so_n + tq[:, None] * so_t + (j0 + ci)[None, :], p, mask=(tq[:, None] < T) & jm[None, :])
 
 
 @triton.jit
@@ -249,12 +254,14 @@ def stage1_scores(q, c1, c2, q_pos, cfg: SparseConfig) -> torch.Tensor:
     out = torch.zeros(n, t, c1.shape[1], device=q.device, dtype=torch.float32)
     if c1.shape[1] == 0 or t == 0:
         return out
-    st = calculate_settings(g, d, cfg.block_size)
-    _stage1_kernel[(t, n)](q, c1, c2, q_pos, out, c1.shape[1], c2.shape[1], g, d, d**-0.5,
-                           q.stride(0), q.stride(1), q.stride(2), c1.stride(0), c1.stride(1), c2.stride(0), c2.stride(1),
-                           q_pos.stride(0), out.stride(0), out.stride(1),
-                           KS1=cfg.kernel_size, ST1=cfg.kernel_stride, KS2=cfg.kernel_size2, ST2=cfg.kernel_stride2,
-                           IEEE=q.dtype == torch.float32, **st)
+    st = calculate_settings(g, d, cfg.block_size, t)
+    _stage1_kernel[(-(-t // st["BQ"]), n)](
+        q, c1, c2, q_pos, out, t, c1.shape[1], c2.shape[1], g, d, d**-0.5,
+        q.stride(0), q.stride(1), q.stride(2), c1.stride(0), c1.stride(1), c2.stride(0), c2.stride(1),
+        q_pos.stride(0), out.stride(0), out.stride(1),
+        KS1=cfg.kernel_size, ST1=cfg.kernel_stride, KS2=cfg.kernel_size2, ST2=cfg.kernel_stride2,
+        IEEE=q.dtype == torch.float32, BQ=st["BQ"], GP=st["GP"], BLOCK_D=st["BLOCK_D"], BLOCK_C=st["BLOCK_C"],
+        **_launch_opts(st))
     return out
 
 
