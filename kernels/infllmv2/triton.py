@@ -35,20 +35,28 @@ MAX_HEAD_DIM = 256
 def calculate_settings(group: int, head_dim: int, block_size: int, tokens: int = 1) -> dict:
     """Tile sizes; raises RuntimeError naming the limit it breaks.
 
-    Both stages run one program per tile of BQ tokens x GP heads (G padded to a power of two) = up to
-    128 rows (FlashAttention-2's M tile), fewer tokens when there are fewer (decode), never under the
-    16 rows `tl.dot` wants.
+    Both stages run one program per tile of BQ tokens x GP heads (G padded to a power of two, and to
+    16 rows, the smallest `tl.dot`): up to 128 rows in stage 1 (FlashAttention-2's M tile), 16 in
+    stage 2.
     """
     if head_dim > MAX_HEAD_DIM:
         raise RuntimeError(f"InfLLM v2 Triton kernels support head_dim <= {MAX_HEAD_DIM}, got {head_dim}.")
     if block_size < 16 or block_size & (block_size - 1):
         raise RuntimeError(f"InfLLM v2 Triton kernels need a power-of-two block_size >= 16, got {block_size}.")
     gp = triton.next_power_of_2(group)
+    bq = 1 if tokens <= 1 else max(1, 16 // gp)  # one token (decode): its heads padded to 16 rows
     return {
         "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
         "BLOCK_C": 64,  # compressed keys per stage-1 step
-        "GP": gp,
-        "BQ": max(16 // gp, min(128 // gp, triton.next_power_of_2(max(1, tokens)))) if gp < 128 else 1,
+        # stage 1: every token scores every visible compressed key, so big tiles only share loads
+        "GP1": gp,
+        "BQ1": max(16 // gp, min(128 // gp, triton.next_power_of_2(max(1, tokens)))) if gp < 128 else 1,
+        # stage 2: a tile loads the union of its tokens' blocks; 16 rows (2 tokens of MiniCPM4-0.5B's
+        # 8 heads, 1 of MiniCPM4-8B's 16) fill the smallest `tl.dot` without padding. 128-row tiles
+        # (16 tokens) loaded 408 blocks per tile against 96 per token at 64k on an H200 (random
+        # inputs: neighbours' top-k barely overlap) and ran the forward 1.5x slower.
+        "GP": max(gp, 16 // bq),
+        "BQ": bq,
     }
 
 
@@ -130,7 +138,7 @@ def _infllmv2_fwd_kernel(Q, K, V, UNION, COUNT, MEMBER, POS, OUT, LSE, T, G, D, 
     count = tl.load(COUNT + n * sc_n + tile)
     for i in range(0, count):  # the tile's union of selected blocks, ascending
         blk = tl.load(UNION + n * su_n + tile * su_t + i)
-        kpos = blk * BLOCK_N + ki
+        kpos = tl.where(blk >= 0, blk * BLOCK_N + ki, S)  # an unused entry (-1) points past the keys
         km = kpos < S
         k = tl.load(K + n * sk_n + kpos[:, None] * sk_s + di[None, :], mask=km[:, None] & dm[None, :], other=0.0)
         v = tl.load(V + n * sk_n + kpos[:, None] * sk_s + di[None, :], mask=km[:, None] & dm[None, :], other=0.0)
@@ -176,7 +184,7 @@ def _infllmv2_bwd_dq_kernel(Q, K, V, UNION, COUNT, MEMBER, POS, DO, LSE, DELTA, 
     count = tl.load(COUNT + n * sc_n + tile)
     for i in range(0, count):
         blk = tl.load(UNION + n * su_n + tile * su_t + i)
-        kpos = blk * BLOCK_N + ki
+        kpos = tl.where(blk >= 0, blk * BLOCK_N + ki, S)  # an unused entry (-1) points past the keys
         km = kpos < S
         k = tl.load(K + n * sk_n + kpos[:, None] * sk_s + di[None, :], mask=km[:, None] & dm[None, :], other=0.0)
         v = tl.load(V + n * sk_n + kpos[:, None] * sk_s + di[None, :], mask=km[:, None] & dm[None, :], other=0.0)
@@ -255,13 +263,13 @@ def stage1_scores(q, c1, c2, q_pos, cfg: SparseConfig) -> torch.Tensor:
     if c1.shape[1] == 0 or t == 0:
         return out
     st = calculate_settings(g, d, cfg.block_size, t)
-    _stage1_kernel[(-(-t // st["BQ"]), n)](
+    _stage1_kernel[(-(-t // st["BQ1"]), n)](
         q, c1, c2, q_pos, out, t, c1.shape[1], c2.shape[1], g, d, d**-0.5,
         q.stride(0), q.stride(1), q.stride(2), c1.stride(0), c1.stride(1), c2.stride(0), c2.stride(1),
         q_pos.stride(0), out.stride(0), out.stride(1),
         KS1=cfg.kernel_size, ST1=cfg.kernel_stride, KS2=cfg.kernel_size2, ST2=cfg.kernel_stride2,
-        IEEE=q.dtype == torch.float32, BQ=st["BQ"], GP=st["GP"], BLOCK_D=st["BLOCK_D"], BLOCK_C=st["BLOCK_C"],
-        **_launch_opts(st))
+        IEEE=q.dtype == torch.float32, BQ=st["BQ1"], GP=st["GP1"], BLOCK_D=st["BLOCK_D"], BLOCK_C=st["BLOCK_C"],
+        **_launch_opts(st["BQ1"] * st["GP1"], st["BLOCK_D"]))
     return out
 
 
@@ -290,6 +298,11 @@ def tile_plan(idx: torch.Tensor, n_key_blocks: int, bq: int, transpose: bool = T
     kernels get the same reuse from the 16 heads of a token, which MiniCPM4-0.5B's 8 per group do not fill.
     """
     n, t, kk = idx.shape
+    if bq == 1 and not transpose:  # one token per tile: its own list is the union (no sort, no host sync)
+        none = idx.new_empty(0, dtype=torch.int32)
+        union = idx.to(torch.int32).contiguous()
+        return TilePlan(1, union, torch.full((n, t), kk, dtype=torch.int32, device=idx.device),
+                        (union >= 0).to(torch.uint8), none, none, none)
     nt = -(-t // bq)
     big = torch.iinfo(torch.int32).max
     x = F.pad(idx.to(torch.int32), (0, 0, 0, nt * bq - t), value=-1).view(n, nt, bq * kk)
@@ -316,9 +329,8 @@ def tile_plan(idx: torch.Tensor, n_key_blocks: int, bq: int, transpose: bool = T
                     where[order, 2].to(torch.int32).contiguous())
 
 
-def _launch_opts(st: dict) -> dict:
-    rows = st["BQ"] * st["GP"]
-    return {"num_warps": 8 if rows * st["BLOCK_D"] >= 128 * 64 else 4}
+def _launch_opts(rows: int, block_d: int) -> dict:
+    return {"num_warps": 8 if rows * block_d >= 128 * 64 else 4}
 
 
 def infllmv2_fwd(q, k, v, idx, q_pos, block_size: int, plan: TilePlan | None = None, transpose: bool = True):
@@ -336,7 +348,7 @@ def infllmv2_fwd(q, k, v, idx, q_pos, block_size: int, plan: TilePlan | None = N
         plan.count.stride(0), plan.member.stride(0), plan.member.stride(1), q_pos.stride(0),
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
         BQ=st["BQ"], GP=st["GP"], BLOCK_D=st["BLOCK_D"], BLOCK_N=block_size, IEEE=q.dtype == torch.float32,
-        **_launch_opts(st))
+        **_launch_opts(st["BQ"] * st["GP"], st["BLOCK_D"]))
     return o, lse, plan
 
 
@@ -347,7 +359,7 @@ def infllmv2_bwd(do, q, k, v, o, lse, q_pos, block_size: int, plan: TilePlan):
     do = do.contiguous()
     delta = (do.float() * o.float()).sum(-1).contiguous()  # (N, G, T)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    ieee, opts = q.dtype == torch.float32, _launch_opts(st)
+    ieee, opts = q.dtype == torch.float32, _launch_opts(st["BQ"] * st["GP"], st["BLOCK_D"])
     common = dict(BQ=st["BQ"], GP=st["GP"], BLOCK_D=st["BLOCK_D"], BLOCK_N=block_size, IEEE=ieee, **opts)
     _infllmv2_bwd_dq_kernel[(plan.count.shape[1], n)](
         q, k, v, plan.union, plan.count, plan.member, q_pos, do, lse, delta, dq, t, g, d, k.shape[1], d**-0.5,
