@@ -293,9 +293,9 @@ def tile_plan(idx: torch.Tensor, n_key_blocks: int, bq: int, transpose: bool = T
     """Build the TilePlan from the per-token lists idx (N, T, K) int, sorted, -1 = unused; the transposed
     pairs only with `transpose` (the backward needs them; inference skips their sort and host sync).
 
-    Consecutive queries share most of their blocks (the local window always, the top-k largely), so a
-    tile loads the union once for all its rows and masks each row to its own picks: the official
-    kernels get the same reuse from the 16 heads of a token, which MiniCPM4-0.5B's 8 per group do not fill.
+    Consecutive queries share their local-window blocks and some of their top-k, so a tile loads the
+    union once for all its rows and masks each row to its own picks. With 16-row tiles this is the
+    official kernels' one token of 16 heads (MiniCPM4-8B), or two tokens of MiniCPM4-0.5B's 8 heads.
     """
     n, t, kk = idx.shape
     if bq == 1 and not transpose:  # one token per tile: its own list is the union (no sort, no host sync)
