@@ -2,7 +2,8 @@
 # GPU checks in one command, for a CUDA machine with torch and triton (the project's device runs, or
 # any GPU box with cpmtool importable): the Triton kernels compiled and checked against their torch
 # references (small odd shapes and full size), the model running them on CUDA, then the attention
-# benchmark (Triton vs SDPA, prefill and decode) and a training-step timing (forward + backward).
+# benchmark (Triton vs SDPA, prefill and decode), a training-step timing (forward + backward), and
+# the trainers on CUDA (gpu_train_check.sh).
 #
 #   bash pipelines/gpu_check.sh [OUTDIR]     # writes gpu.txt, pytest.log, attention.jsonl, train_step.jsonl
 set -uo pipefail
@@ -79,4 +80,5 @@ for t in (8192, 32768, 65536):
 with open(sys.argv[1], "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
 EOF
+bash "$(dirname "$0")/gpu_train_check.sh" "$out" || status=1
 exit $status
