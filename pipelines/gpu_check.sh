@@ -17,9 +17,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 $py -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda)" \
   | tee -a "$out/gpu.txt"
 
-# every Triton test (compiled, not interpreted, when CUDA is present) and the model's gpu-marked tests
+# every Triton test (compiled, not interpreted, when CUDA is present), the model's, the trainer's and the
+# engine's gpu-marked tests (the engine's need smollm2-135m pulled, else they skip)
 $py -m pytest -q -p no:cacheprovider --timeout 600 tests/kernels/test_infllmv2_triton.py \
-  tests/kernels/test_ternary_matmul_triton.py "tests/model/test_sparse_attention.py" \
+  tests/kernels/test_ternary_matmul_triton.py tests/model/test_sparse_attention.py tests/train/test_rl.py \
+  tests/engine/test_native.py \
   -k "triton or gpu or cuda or test_full_size" 2>&1 | tee "$out/pytest.log" || status=1
 
 $py -m cpmtool bench attention --context 4k,8k,16k,32k,64k,128k >"$out/attention.jsonl" 2>"$out/attention.txt" \

@@ -196,6 +196,9 @@ class Scheduler:
         return self._sample_append(self.running, logits)
 
     def _sample_append(self, seqs: list[_Seq], logits: torch.Tensor) -> list[TokenEvent]:
+        # sampling runs on the CPU whatever the model's device: the per-request seeded generators are
+        # CPU generators (a seed gives the same tokens on any device) and each token is read back anyway
+        logits = logits.cpu()
         ps = [s.req.params for s in seqs]
         temp = torch.tensor([p.temperature for p in ps])
         top_k = torch.tensor([p.top_k for p in ps])

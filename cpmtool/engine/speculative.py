@@ -250,7 +250,8 @@ class ModelDrafter:
         toks, idxs, qs = [], [], []
         h = self.model.hidden_states(ids, pos, self.cache)[:, -1]  # (B, hidden)
         for j in range(k):
-            logits = (h @ self.head_w.T if self.head_w is not None else self.model.lm_head(h)).float()  # (B, Vq)
+            # on the CPU, like the target's sampling: the rows' seeded generators are CPU generators
+            logits = (h @ self.head_w.T if self.head_w is not None else self.model.lm_head(h)).float().cpu()  # (B, Vq)
             idx = logits.argmax(-1)
             q = None
             if len(rows):
@@ -262,7 +263,7 @@ class ModelDrafter:
             idxs.append(idx)
             qs.append(q)
             if j < k - 1:
-                h = self.model.hidden_states(tok[:, None], (n + j)[:, None], self.cache)[:, -1]
+                h = self.model.hidden_states(tok[:, None].to(dev), (n + j)[:, None], self.cache)[:, -1]
         tok_t = torch.stack(toks, 1).tolist()  # (B, k)
         drafts = Drafts([t[:r] for t, r in zip(tok_t, rooms, strict=True)], q_ids=self.head_ids,
                         idx=torch.stack(idxs, 1))
@@ -415,7 +416,7 @@ class SpecScheduler(Scheduler):
         pos = start[:, None] + torch.arange(width + 1, device=dev)  # (B, W+1)
         if int(pos.max()) >= self.cache.max_len:
             self.cache.grow(int(pos.max()) + 1 + k)
-        logits = self.model(ids, pos, self.cache).float()  # (B, W+1, V)
+        logits = self.model(ids, pos, self.cache).float().cpu()  # (B, W+1, V); acceptance runs on the CPU
         params = [s.req.params for s in seqs]
         temp = torch.tensor([p.temperature for p in params])
         sampled = (temp > 0).nonzero().flatten().tolist()

@@ -399,10 +399,10 @@ class RLRecipe:
             with torch.no_grad():
                 lp_ref, _, _ = response_logprobs(self.ref, [s.prompt_ids for s in sub], [s.tokens for s in sub],
                                                  temperature=cfg.temperature, with_entropy=False, pad_id=self.pad_id)
-            loss, st = losses.prm_loss(lp_phi, lp_ref, m, acc[micro], cfg.prime_beta)
+            loss, st = losses.prm_loss(lp_phi, lp_ref, m, acc[micro].to(m.device), cfg.prime_beta)
             # mean over the whole batch, across micro-batches and ranks
             (loss * len(micro) / total * self.dist.world).backward()
-            q_parts.append((micro, (lp_phi - lp_ref).detach()))
+            q_parts.append((micro, (lp_phi - lp_ref).detach().cpu()))  # batch-level tensors live on the CPU
             stats["prm_loss"] += st["prm_loss"] * len(micro)
             stats["prm_acc"] += st["prm_acc"] * len(micro)
         if not rows:
@@ -455,14 +455,14 @@ class RLRecipe:
             with torch.no_grad():
                 for micro in self._micro(list(range(len(samples)))):
                     lp, _, _ = self._logp(self.policy, [samples[i] for i in micro], with_entropy=False)
-                    old[micro, : lp.shape[1]] = lp
+                    old[micro, : lp.shape[1]] = lp.cpu()
         ref = None
         if cfg.kl_coef > 0:
             ref = torch.zeros_like(mask)
             with torch.no_grad():
                 for micro in self._micro(list(range(len(samples)))):
                     lp, _, _ = self._logp(self.ref, [samples[i] for i in micro], with_entropy=False)
-                    ref[micro, : lp.shape[1]] = lp
+                    ref[micro, : lp.shape[1]] = lp.cpu()
 
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "update", self.step))
         acc = _Acc()
@@ -484,12 +484,13 @@ class RLRecipe:
                 for micro in self._micro(mine):
                     sub = [samples[i] for i in micro]
                     logp, ent, m = self._logp(self.ddp, sub)
-                    w = m.shape[1]
-                    o = logp.detach() if shortcut else old[micro, :w]
-                    loss, st = self.policy_loss(logp, o, adv[micro, :w], m, off_mask[micro, :w], correct[micro],
-                                                rate[micro], n_tok, n_seq, gen)
+                    w, dev = m.shape[1], m.device
+                    # the batch-level tensors stay on the CPU; a micro-batch's slices go to the model
+                    o = logp.detach() if shortcut else old[micro, :w].to(dev)
+                    loss, st = self.policy_loss(logp, o, adv[micro, :w].to(dev), m, off_mask[micro, :w].to(dev),
+                                                correct[micro].to(dev), rate[micro].to(dev), n_tok, n_seq, gen)
                     if ref is not None:
-                        kl = losses.kl_penalty(logp, ref[micro, :w], cfg.kl_type)
+                        kl = losses.kl_penalty(logp, ref[micro, :w].to(dev), cfg.kl_type)
                         loss = loss + cfg.kl_coef * losses.agg_loss(kl, m, cfg.loss_agg, num_tokens=n_tok,
                                                                      num_seqs=n_seq)
                         st["kl"] = float(losses.masked_mean(kl.detach(), m))

@@ -153,3 +153,19 @@ def test_prefill_groups_bound_the_padding():
     # 40 (82 <= 101.25); 100 would pad 300 > 1.25 * 181
     assert groups == [[10, 11, 12], [40, 41], [100]]
     assert _length_groups([]) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_greedy_and_seeded_sampling_match_the_cpu(tiny_pair, smollm2_tokenizer):
+    import copy
+
+    gpu = NativeEngine(copy.deepcopy(tiny_pair[0]).cuda(), smollm2_tokenizer, max_batch=8)
+    cpu = NativeEngine(tiny_pair[0], smollm2_tokenizer, max_batch=8)
+    reqs = [Request(prompt=p, id=str(i)) for i, p in enumerate(PROMPTS)]
+    for params in (SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2),
+                   SamplingParams(temperature=0.8, top_p=0.9, max_tokens=12, seed=5, n=2, ignore_eos=True)):
+        on_gpu, on_cpu = gpu.generate(reqs, params), cpu.generate(reqs, params)
+        # sampling runs on the CPU with the requests' CPU generators: logits equal up to rounding give equal tokens
+        assert [[c.token_ids for c in r.completions] for r in on_gpu] == \
+            [[c.token_ids for c in r.completions] for r in on_cpu]

@@ -100,7 +100,7 @@ def test_resume_continues_identically(base, tmp_path, extra):
     assert a == b
 
 
-@pytest.mark.parametrize("extra", [
+ALGOS = [
     {"algo": "grpo", "dynamic_sampling": True, "clip_high": 0.28, "clip_c": 10.0, "overlong_buffer": 4},
     {"algo": "grpo", "norm_std": False, "loss_agg": "seq-mean-token-mean", "kl_coef": 0.01, "kl_type": "k3",
      "mini_batch_size": 1, "ppo_epochs": 2},
@@ -111,7 +111,11 @@ def test_resume_continues_identically(base, tmp_path, extra):
     {"algo": "nft"},
     {"algo": "luffy"},
     {"algo": "ttrl", "vote_n": 6},
-], ids=["dapo", "drgrpo-kl-minibatch", "clip-cov", "kl-cov", "length", "prime", "nft", "luffy", "ttrl"])
+]
+ALGO_IDS = ["dapo", "drgrpo-kl-minibatch", "clip-cov", "kl-cov", "length", "prime", "nft", "luffy", "ttrl"]
+
+
+@pytest.mark.parametrize("extra", ALGOS, ids=ALGO_IDS)
 def test_every_algorithm_trains(base, tmp_path, extra):
     res = train_rl(RLConfig(**{**base, **extra}))
     last = res["last"]
@@ -209,3 +213,14 @@ def test_training_survives_a_rewrite_of_the_checkpoint_it_loaded(tiny_model_dir,
     (d / "model.safetensors").write_bytes(b"")  # rebuilt in place, as a registry model can be
     out = model(torch.tensor([[1, 2, 3]]))  # touching an mmap'd page of a truncated file would be SIGBUS
     assert out.shape[:2] == (1, 3) and torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("extra", ALGOS, ids=ALGO_IDS)
+def test_every_algorithm_trains_on_cuda(base, extra):
+    # the policy (and PRIME's PRM, the reference) on the GPU, rollouts by the in-process engine there;
+    # the batch-level tensors stay on the CPU and each micro-batch's slices move to the model
+    last = train_rl(RLConfig(**{**base, **extra, "device": "cuda"}))["last"]
+    assert last["groups_kept"] >= 1 and (last["grad_norm"] > 0 or extra["algo"] == "ttrl"), last
+    assert all(v == v for v in last.values() if isinstance(v, float)), last  # no NaN
