@@ -43,7 +43,7 @@ class RLConfig:
     top_p: float = opt(1.0, "Rollout top-p.")
     max_batch: int = opt(256, "Rows the rollout engine decodes at once.")
     # optimisation
-    lr: float = opt(1e-6, "AdamW learning rate (verl default 1e-6; tiny models want ~1e-4).")
+    lr: float = opt(1e-6, "AdamW learning rate (verl default 1e-6; cpm-tiny: 1e-5, see pipelines/rlvr.mk).")
     weight_decay: float = opt(0.01, "AdamW weight decay.")
     warmup_steps: int = opt(0, "Linear learning-rate warmup steps.")
     grad_clip: float = opt(1.0, "Gradient-norm clip (0: off).")
