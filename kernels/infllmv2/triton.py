@@ -72,6 +72,54 @@ def _rows(n, tile, T, G, POS, sp_n, BQ: tl.constexpr, GP: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b: exact fp32 products for float32 inputs (parity with the reference), else Triton's default."""
+    if IEEE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _key_block(K, V, n, blk, S, sk_n, sk_s, di, dm, BLOCK_N: tl.constexpr):
+    """Block `blk` of keys and values (BLOCK_N, BLOCK_D), its key positions and which exist."""
+    kpos = tl.where(blk >= 0, blk * BLOCK_N + tl.arange(0, BLOCK_N), S)  # an unused entry (-1) points past the keys
+    km = kpos < S
+    off = n * sk_n + kpos[:, None] * sk_s + di[None, :]
+    k = tl.load(K + off, mask=km[:, None] & dm[None, :], other=0.0)
+    v = tl.load(V + off, mask=km[:, None] & dm[None, :], other=0.0)
+    return kpos, km, k, v
+
+
+@triton.jit
+def _allowed(MEMBER, n, tok, slot, rm, pos, kpos, km, sm_n, sm_t):
+    """(M, BLOCK_N): the row's token picked this union slot, the key exists and is not in its future."""
+    sel = tl.load(MEMBER + n * sm_n + tok * sm_t + slot, mask=rm, other=0)
+    return (sel[:, None] != 0) & (kpos[None, :] <= pos[:, None]) & km[None, :]
+
+
+@triton.jit
+def _grad_rows(Q, DO, LSE, DELTA, n, tok, g, rm, di, dm, sq_n, sq_g, sq_t, sl_n, sl_g):
+    """A tile's q and dO rows (q, do, dq share q's strides) and their lse and delta ((N, G, T) strides)."""
+    qmask = rm[:, None] & dm[None, :]
+    qoff = n * sq_n + g[:, None] * sq_g + tok[:, None] * sq_t + di[None, :]
+    q = tl.load(Q + qoff, mask=qmask, other=0.0)
+    do = tl.load(DO + qoff, mask=qmask, other=0.0)
+    lse = tl.load(LSE + n * sl_n + g * sl_g + tok, mask=rm, other=0.0)
+    delta = tl.load(DELTA + n * sl_n + g * sl_g + tok, mask=rm, other=0.0)
+    return qoff, qmask, q, do, lse, delta
+
+
+@triton.jit
+def _p_ds(q, do, k, v, lse, delta, ok, scale, IEEE: tl.constexpr):
+    """Backward of one (tile, key block) pair: probabilities p and score gradients ds, (M, BLOCK_N)."""
+    p = tl.where(ok, tl.exp(_dot(q, tl.trans(k), IEEE) * scale - lse[:, None]), 0.0)
+    ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None]) * scale
+    return p, ds
+
+
+@triton.jit
 def _stage1_kernel(Q, C1, C2, POS, OUT, T, n1_max, n2_max, G, D, scale,
                    sq_n, sq_g, sq_t, sc1_n, sc1_j, sc2_n, sc2_j, sp_n, so_n, so_t,
                    KS1: tl.constexpr, ST1: tl.constexpr, KS2: tl.constexpr, ST2: tl.constexpr,
@@ -96,10 +144,7 @@ def _stage1_kernel(Q, C1, C2, POS, OUT, T, n1_max, n2_max, G, D, scale,
     for j0 in range(0, tl.max(n2, 0), BLOCK_C):
         jm = (j0 + ci) < n2_max
         c = tl.load(C2 + n * sc2_n + (j0 + ci)[:, None] * sc2_j + di[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(c.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(c.to(tl.float32)))
+        s = _dot(q, tl.trans(c.to(tl.float32)), IEEE)
         s = tl.where((j0 + ci)[None, :] < n2[:, None], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         s_sum = s_sum * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
@@ -111,10 +156,7 @@ def _stage1_kernel(Q, C1, C2, POS, OUT, T, n1_max, n2_max, G, D, scale,
     for j0 in range(0, tl.max(n1, 0), BLOCK_C):  # OUT is zeroed: the keys past the tile's last token stay 0
         jm = (j0 + ci) < n1_max
         c = tl.load(C1 + n * sc1_n + (j0 + ci)[:, None] * sc1_j + di[None, :], mask=jm[:, None] & dm[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(c.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(c.to(tl.float32)))
+        s = _dot(q, tl.trans(c.to(tl.float32)), IEEE)
         p = tl.where(((j0 + ci)[None, :] < n1[:, None]) & rm[:, None], tl.exp(s - lse[:, None]), 0.0)  # (M, C)
         p = tl.sum(tl.reshape(p, [BQ, GP, BLOCK_C]), 1)  # (BQ, C)
         tl.store(OUT + n * so_n + tq[:, None] * so_t + (j0 + ci)[None, :], p, mask=(tq[:, None] < T) & jm[None, :])
@@ -128,7 +170,7 @@ def _infllmv2_fwd_kernel(Q, K, V, UNION, COUNT, MEMBER, POS, OUT, LSE, T, G, D, 
                          IEEE: tl.constexpr):
     tile, n = tl.program_id(0), tl.program_id(1)
     tok, g, rm, pos = _rows(n, tile, T, G, POS, sp_n, BQ, GP)
-    di, ki = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
+    di = tl.arange(0, BLOCK_D)
     dm = di < D
     qmask = rm[:, None] & dm[None, :]
     q = tl.load(Q + n * sq_n + g[:, None] * sq_g + tok[:, None] * sq_t + di[None, :], mask=qmask, other=0.0)
@@ -138,25 +180,14 @@ def _infllmv2_fwd_kernel(Q, K, V, UNION, COUNT, MEMBER, POS, OUT, LSE, T, G, D, 
     count = tl.load(COUNT + n * sc_n + tile)
     for i in range(0, count):  # the tile's union of selected blocks, ascending
         blk = tl.load(UNION + n * su_n + tile * su_t + i)
-        kpos = tl.where(blk >= 0, blk * BLOCK_N + ki, S)  # an unused entry (-1) points past the keys
-        km = kpos < S
-        k = tl.load(K + n * sk_n + kpos[:, None] * sk_s + di[None, :], mask=km[:, None] & dm[None, :], other=0.0)
-        v = tl.load(V + n * sk_n + kpos[:, None] * sk_s + di[None, :], mask=km[:, None] & dm[None, :], other=0.0)
-        sel = tl.load(MEMBER + n * sm_n + tok * sm_t + i, mask=rm, other=0)  # did this row's token pick it
-        ok = (sel[:, None] != 0) & (kpos[None, :] <= pos[:, None]) & km[None, :]
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(ok, s, float("-inf"))
+        kpos, km, k, v = _key_block(K, V, n, blk, S, sk_n, sk_s, di, dm, BLOCK_N)
+        ok = _allowed(MEMBER, n, tok, i, rm, pos, kpos, km, sm_n, sm_t)
+        s = tl.where(ok, _dot(q, tl.trans(k), IEEE) * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         den = den * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m = m_new
     o = acc / tl.maximum(den, 1e-30)[:, None]
     tl.store(OUT + n * so_n + g[:, None] * so_g + tok[:, None] * so_t + di[None, :], o.to(OUT.dtype.element_ty),
@@ -169,39 +200,19 @@ def _infllmv2_bwd_dq_kernel(Q, K, V, UNION, COUNT, MEMBER, POS, DO, LSE, DELTA, 
                             sq_n, sq_g, sq_t, sk_n, sk_s, su_n, su_t, sc_n, sm_n, sm_t, sp_n, sl_n, sl_g,
                             BQ: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                             IEEE: tl.constexpr):
-    # q, do, dq share q's strides; lse, delta share (N, G, T) strides
     tile, n = tl.program_id(0), tl.program_id(1)
     tok, g, rm, pos = _rows(n, tile, T, G, POS, sp_n, BQ, GP)
-    di, ki = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
+    di = tl.arange(0, BLOCK_D)
     dm = di < D
-    qmask = rm[:, None] & dm[None, :]
-    qoff = n * sq_n + g[:, None] * sq_g + tok[:, None] * sq_t + di[None, :]
-    q = tl.load(Q + qoff, mask=qmask, other=0.0)
-    do = tl.load(DO + qoff, mask=qmask, other=0.0)
-    lse = tl.load(LSE + n * sl_n + g * sl_g + tok, mask=rm, other=0.0)
-    delta = tl.load(DELTA + n * sl_n + g * sl_g + tok, mask=rm, other=0.0)
+    qoff, qmask, q, do, lse, delta = _grad_rows(Q, DO, LSE, DELTA, n, tok, g, rm, di, dm, sq_n, sq_g, sq_t, sl_n, sl_g)
     dq = tl.zeros([BQ * GP, BLOCK_D], tl.float32)
     count = tl.load(COUNT + n * sc_n + tile)
     for i in range(0, count):
         blk = tl.load(UNION + n * su_n + tile * su_t + i)
-        kpos = tl.where(blk >= 0, blk * BLOCK_N + ki, S)  # an unused entry (-1) points past the keys
-        km = kpos < S
-        k = tl.load(K + n * sk_n + kpos[:, None] * sk_s + di[None, :], mask=km[:, None] & dm[None, :], other=0.0)
-        v = tl.load(V + n * sk_n + kpos[:, None] * sk_s + di[None, :], mask=km[:, None] & dm[None, :], other=0.0)
-        sel = tl.load(MEMBER + n * sm_n + tok * sm_t + i, mask=rm, other=0)
-        ok = (sel[:, None] != 0) & (kpos[None, :] <= pos[:, None]) & km[None, :]
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
-            dp = tl.dot(do, tl.trans(v))
-        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # (M, BLOCK_N)
-        ds = p * (dp - delta[:, None]) * scale
-        if IEEE:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+        kpos, km, k, v = _key_block(K, V, n, blk, S, sk_n, sk_s, di, dm, BLOCK_N)
+        ok = _allowed(MEMBER, n, tok, i, rm, pos, kpos, km, sm_n, sm_t)
+        _, ds = _p_ds(q, do, k, v, lse, delta, ok, scale, IEEE)
+        dq += _dot(ds.to(k.dtype), k, IEEE)
     tl.store(DQ + qoff, dq.to(DQ.dtype.element_ty), mask=qmask)
 
 
@@ -212,46 +223,24 @@ def _infllmv2_bwd_dkdv_kernel(Q, K, V, OFFSETS, PAIR_TILE, PAIR_SLOT, MEMBER, PO
                               IEEE: tl.constexpr):
     # one key block: walks the tiles whose union holds it (the transposed plan), so no atomics
     b, n = tl.program_id(0), tl.program_id(1)
-    di, ki = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_N)
+    di = tl.arange(0, BLOCK_D)
     dm = di < D
-    kpos = b * BLOCK_N + ki
-    km = kpos < S
-    koff = n * sk_n + kpos[:, None] * sk_s + di[None, :]
-    kmask = km[:, None] & dm[None, :]
-    k = tl.load(K + koff, mask=kmask, other=0.0)
-    v = tl.load(V + koff, mask=kmask, other=0.0)
+    kpos, km, k, v = _key_block(K, V, n, b, S, sk_n, sk_s, di, dm, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     start = tl.load(OFFSETS + n * n_kb + b)
     end = tl.load(OFFSETS + n * n_kb + b + 1)
     for j in range(start, end):
         tile = tl.load(PAIR_TILE + j)
-        slot = tl.load(PAIR_SLOT + j)
         tok, g, rm, pos = _rows(n, tile, T, G, POS, sp_n, BQ, GP)
-        qmask = rm[:, None] & dm[None, :]
-        qoff = n * sq_n + g[:, None] * sq_g + tok[:, None] * sq_t + di[None, :]
-        q = tl.load(Q + qoff, mask=qmask, other=0.0)
-        do = tl.load(DO + qoff, mask=qmask, other=0.0)
-        lse = tl.load(LSE + n * sl_n + g * sl_g + tok, mask=rm, other=0.0)
-        delta = tl.load(DELTA + n * sl_n + g * sl_g + tok, mask=rm, other=0.0)
-        sel = tl.load(MEMBER + n * sm_n + tok * sm_t + slot, mask=rm, other=0)
-        ok = (sel[:, None] != 0) & (kpos[None, :] <= pos[:, None]) & km[None, :]
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k)) * scale
-            dp = tl.dot(do, tl.trans(v))
-        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # (M, BLOCK_N)
-        ds = p * (dp - delta[:, None]) * scale
-        if IEEE:
-            dv += tl.dot(tl.trans(p), do.to(tl.float32), input_precision="ieee")
-            dk += tl.dot(tl.trans(ds), q.to(tl.float32), input_precision="ieee")
-        else:
-            dv += tl.dot(tl.trans(p).to(do.dtype), do)
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q)
-    tl.store(DK + koff, dk.to(DK.dtype.element_ty), mask=kmask)
-    tl.store(DV + koff, dv.to(DV.dtype.element_ty), mask=kmask)
+        _, _, q, do, lse, delta = _grad_rows(Q, DO, LSE, DELTA, n, tok, g, rm, di, dm, sq_n, sq_g, sq_t, sl_n, sl_g)
+        ok = _allowed(MEMBER, n, tok, tl.load(PAIR_SLOT + j), rm, pos, kpos, km, sm_n, sm_t)
+        p, ds = _p_ds(q, do, k, v, lse, delta, ok, scale, IEEE)
+        dv += _dot(tl.trans(p).to(do.dtype), do, IEEE)
+        dk += _dot(tl.trans(ds).to(q.dtype), q, IEEE)
+    koff = n * sk_n + kpos[:, None] * sk_s + di[None, :]
+    tl.store(DK + koff, dk.to(DK.dtype.element_ty), mask=km[:, None] & dm[None, :])
+    tl.store(DV + koff, dv.to(DV.dtype.element_ty), mask=km[:, None] & dm[None, :])
 
 
 def stage1_scores(q, c1, c2, q_pos, cfg: SparseConfig) -> torch.Tensor:
@@ -298,8 +287,8 @@ def tile_plan(idx: torch.Tensor, n_key_blocks: int, bq: int, transpose: bool = T
     official kernels' one token of 16 heads (MiniCPM4-8B), or two tokens of MiniCPM4-0.5B's 8 heads.
     """
     n, t, kk = idx.shape
+    none = idx.new_empty(0, dtype=torch.int32)  # the transposed fields of a plan built without them
     if bq == 1 and not transpose:  # one token per tile: its own list is the union (no sort, no host sync)
-        none = idx.new_empty(0, dtype=torch.int32)
         union = idx.to(torch.int32).contiguous()
         return TilePlan(1, union, torch.full((n, t), kk, dtype=torch.int32, device=idx.device),
                         (union >= 0).to(torch.uint8), none, none, none)
@@ -317,7 +306,6 @@ def tile_plan(idx: torch.Tensor, n_key_blocks: int, bq: int, transpose: bool = T
     at = torch.searchsorted(srt, per_tok.contiguous()).clamp_(max=kk - 1)
     member = ((srt.gather(2, at) == per_tok) & (per_tok >= 0)).to(torch.uint8).contiguous()
     if not transpose:
-        none = idx.new_empty(0, dtype=torch.int32)
         return TilePlan(bq, union, count.contiguous(), member, none, none, none)
     valid = union >= 0
     where = valid.nonzero()  # (P, 3): n, tile, slot
