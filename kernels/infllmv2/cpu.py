@@ -28,6 +28,9 @@ Dense SDPA's flash kernel runs at about the bmm's FLOP rate, so the prefill spee
 
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -71,6 +74,10 @@ def block_scores(q, c1, c2, q_pos, cfg: SparseConfig, n_blocks: int, transposed:
     buffer of >= N*G*T*(N1+N2) elements, receives the logits (fresh multi-MB tensors cost page faults).
     """
     n, g, t, d = q.shape
+    if not q.is_cuda and (lib := _fused_kernels()) is not None:
+        p = _scores_fused(lib, q, c1, c2, q_pos, cfg, transposed)
+        if p is not None:
+            return pool_blocks(p, cfg, n_blocks)
     pos1 = q_pos[:, None, :, None] + 1  # (N, 1, T, 1)
     used = [0]
 
@@ -204,20 +211,27 @@ def _band_blocks(q, k, v, q_pos, cfg: SparseConfig, key_valid):
         lses.append(lse.transpose(0, 1).reshape(g, nqb * bs)[:, front: front + c])
     return torch.stack(outs), torch.stack(lses)
 
-def _pair_tiles(idx, q_pos, cfg: SparseConfig, n_blocks: int):
-    """Group the (query, far block) pairs by (row, block) into tiles of PAIR_TILE queries.
-
-    idx (N, C, K). Returns rows (tiles, PAIR_TILE) flat query indices n*C + t (N*C = padding) and
-    tile_seg (tiles,) = n * n_blocks + block. Far blocks are the selected ones below the local window
-    (sinks included): wholly in the past, so no causal mask is needed inside a tile.
-    """
+def _pair_segments(idx, q_pos, cfg: SparseConfig, n_blocks: int):
+    """The (query, far block) pairs sorted by (row, block). idx (N, C, K) -> seg, qrow (pairs,):
+    seg = n * n_blocks + block, qrow = n*C + t the flat query index. Far blocks are the selected ones
+    below the local window (sinks included): wholly in the past, so no causal mask is needed."""
     n, c, _ = idx.shape
-    dev = idx.device
     qb = (q_pos // cfg.block_size)[..., None]
     far = (idx >= 0) & (idx < qb - cfg.local_blocks)
     ni, ti, ri = far.nonzero(as_tuple=True)
     seg, order = (ni * n_blocks + idx[ni, ti, ri]).sort(stable=True)
-    qrow = (ni * c + ti)[order]
+    return seg, (ni * c + ti)[order]
+
+
+def _pair_tiles(idx, q_pos, cfg: SparseConfig, n_blocks: int):
+    """Group the (query, far block) pairs by (row, block) into tiles of PAIR_TILE queries.
+
+    idx (N, C, K). Returns rows (tiles, PAIR_TILE) flat query indices n*C + t (N*C = padding) and
+    tile_seg (tiles,) = n * n_blocks + block.
+    """
+    n, c, _ = idx.shape
+    dev = idx.device
+    seg, qrow = _pair_segments(idx, q_pos, cfg, n_blocks)
     counts = torch.bincount(seg, minlength=n * n_blocks)
     tiles_per = (counts + PAIR_TILE - 1) // PAIR_TILE
     rank = torch.arange(seg.numel(), device=dev) - (counts.cumsum(0) - counts)[seg]
@@ -255,6 +269,10 @@ def _remote(q, k, v, q_pos, idx, cfg: SparseConfig, key_valid, grad, o_band, lse
     n, g, c, d = q.shape
     s, bs, dev = k.shape[1], cfg.block_size, q.device
     n_blocks = -(-s // bs)
+    if not grad and key_valid is None and (lib := _fused_kernels()) is not None:
+        out = _remote_fused(lib, q, k, v, q_pos, idx, cfg, n_blocks, o_band, lse_band)
+        if out is not None:
+            return out
     rows, tile_seg = _pair_tiles(idx, q_pos, cfg, n_blocks)
     if rows.shape[0] == 0:
         return o_band
@@ -317,6 +335,88 @@ def _remote(q, k, v, q_pos, idx, cfg: SparseConfig, key_valid, grad, o_band, lse
         return _remote(q, k, v, q_pos, idx, cfg, key_valid, True, o_band, lse_band)
     out = num[: n * c].view(n * c, g, d) / den[: n * c, :, None]
     return out.view(n, c, g, d).transpose(1, 2)
+
+_FUSED_SRC = Path(__file__).with_name("cpu_fused.c")
+
+
+def _fused_kernels():
+    """cpu_fused.c built for this CPU (kernels/cbuild.py), or None: no compiler, or CPMTOOL_CPU_KERNELS=0.
+    (Built without AVX2/FMA, its functions return 1 and the callers keep the torch path.)"""
+    from ..cbuild import load
+
+    lib = load(_FUSED_SRC)
+    if lib is not None and lib.infllmv2_far.argtypes is None:
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.infllmv2_far.argtypes = [p, p, p, i64, i64, p, p, p, p, p, p, p, i64, i32, i32, i32, i32]
+        lib.infllmv2_scores.argtypes = [p, p, i64, i64, i64, i64, p, p, p, i64, i64, i64, i32, i32, i32]
+        lib.infllmv2_lse.argtypes = [p, p, i64, i64, i64, i64, p, p, i64, i64, i32, i32, i32]
+        for f in (lib.infllmv2_far, lib.infllmv2_scores, lib.infllmv2_lse):
+            f.restype = ctypes.c_int
+    return lib
+
+
+def _scores_fused(lib, q, c1, c2, q_pos, cfg: SparseConfig, transposed: bool):
+    """`block_scores`' compressed-key scores in two C calls (cpu_fused.c): the coarse keys' LSE, then
+    exp2(q . c1 - lse2) summed over the group's heads, with no logits tensors. q (N, G, T, D);
+    c1, c2 (N, Nc, D), or (N, D, Nc) when `transposed` -> p (N, T, N1); None when the kernels cannot
+    take these tensors."""
+    n, g, t, d = q.shape
+    if any(c.dtype != torch.float32 for c in (c1, c2)):
+        return None
+    jd = (2, 1) if transposed else (1, 2)  # the dims of compressed key j and of feature d
+    n1, n2 = c1.shape[jd[0]], c2.shape[jd[0]]
+    qs = torch.empty(n, t, g, d)  # query-major, base-2 logits: a query's heads are consecutive rows
+    torch.mul(q.transpose(1, 2), d**-0.5 * LOG2E, out=qs)
+    pos1 = q_pos.long() + 1
+
+    def visible(kernel, stride, width):  # (N, T) compressed keys each query sees
+        return torch.where(pos1 < kernel, 0, (pos1 - kernel) // stride + 1).clamp_(max=width).contiguous()
+
+    # (locals: a tensor must outlive the C call that reads its data_ptr)
+    vis1, vis2 = visible(cfg.kernel_size, cfg.kernel_stride, n1), visible(cfg.kernel_size2, cfg.kernel_stride2, n2)
+    ld = -(-n1 // 16) * 16
+    lse, p = torch.empty(n, t, g), torch.empty(n, t, ld)
+    threads = torch.get_num_threads()
+    rc = lib.infllmv2_lse(qs.data_ptr(), c2.data_ptr(), c2.stride(0), c2.stride(jd[0]), c2.stride(jd[1]), n2,
+                          vis2.data_ptr(), lse.data_ptr(), n, t, g, d, threads)
+    if rc == 0:
+        rc = lib.infllmv2_scores(qs.data_ptr(), c1.data_ptr(), c1.stride(0), c1.stride(jd[0]), c1.stride(jd[1]), n1,
+                                 lse.data_ptr(), vis1.data_ptr(), p.data_ptr(), ld, n, t, g, d, threads)
+    return p[..., :n1] if rc == 0 else None
+
+
+def _remote_fused(lib, q, k, v, q_pos, idx, cfg: SparseConfig, n_blocks: int, o_band, lse_band):
+    """`_remote`'s inference path in one C call (cpu_fused.c): no gathered tiles, no padding, no scatter.
+
+    Same arithmetic (base-2 logits relative to the band's LSE, partial sums added into the band's).
+    None when the kernel cannot take these tensors or a weight overflowed (the caller then runs the
+    torch path / the exact merge). q (N, G, C, D) -> (N, G, C, D)."""
+    n, g, c, d = q.shape
+    bs = cfg.block_size
+    if (d % 16 or bs % 16 or q.is_cuda or any(x.dtype != torch.float32 for x in (q, k, v, o_band))
+            or any(x.stride(2) != 1 or x.stride(1) != d for x in (k, v))):
+        return None
+    seg, qrow = _pair_segments(idx, q_pos, cfg, n_blocks)
+    if seg.numel() == 0:
+        return o_band
+    segs, counts = torch.unique_consecutive(seg, return_counts=True)
+    seg_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    row_ptr = torch.searchsorted(segs // n_blocks, torch.arange(n + 1))
+    seg_block = segs % n_blocks
+    qf = torch.empty(n, c, g, d)  # query-major: one query's G heads are one contiguous (G*D) row
+    torch.mul(q.transpose(1, 2), d**-0.5 * LOG2E, out=qf)
+    # fresh copies (with G = 1 `.contiguous()` would return the band's own tensors, which the torch
+    # path still needs if this call gives up)
+    ref = (lse_band.transpose(1, 2) * LOG2E).contiguous()  # (N, C, G)
+    num = o_band.transpose(1, 2).clone(memory_format=torch.contiguous_format)  # (N, C, G, D)
+    den = torch.ones(n, c, g)
+    rc = lib.infllmv2_far(qf.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(0), v.stride(0), ref.data_ptr(),
+                          num.data_ptr(), den.data_ptr(), row_ptr.data_ptr(), seg_block.data_ptr(),
+                          seg_ptr.data_ptr(), qrow.data_ptr(), n, g, d, bs, torch.get_num_threads())
+    if rc != 0 or not bool(torch.isfinite(den).all()):
+        return None
+    return (num / den[..., None]).transpose(1, 2)
+
 
 def _decode(q, k, v, q_pos, idx, cfg: SparseConfig, key_valid, grad):
     """One query per row: gather the selected blocks of each row. q (N, G, 1, D); idx (N, 1, K)."""

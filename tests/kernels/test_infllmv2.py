@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from cpmtool.kernels import cbuild
 from cpmtool.kernels.infllmv2 import SparseConfig, cpu, reference
 from cpmtool.kernels.infllmv2.config import num_compressed
 
@@ -21,6 +22,23 @@ def qkv(b, hkv, g, t, d, dtype=torch.float32, seed=0):
     k = torch.randn(b, hkv, t, d, generator=gen).to(dtype)
     v = torch.randn(b, hkv, t, d, generator=gen).to(dtype)
     return q, k, v
+
+
+def _fused_or_skip():
+    lib = cpu._fused_kernels()
+    if lib is None:
+        pytest.skip(f"C kernels unavailable: {cbuild.build_error(cpu._FUSED_SRC)}")
+    return lib
+
+
+@pytest.fixture(params=["fused", "torch"])
+def cpu_path(request, monkeypatch):
+    """Run a CPU test through cpu_fused.c's kernels (built on first use) and through the torch path."""
+    if request.param == "torch":
+        monkeypatch.setattr(cpu, "_fused_kernels", lambda: None)
+    else:
+        _fused_or_skip()
+    return request.param
 
 
 def ref_batched(q, k, v, pos, cfg):
@@ -135,7 +153,7 @@ CASES = [  # (B, Hkv, G, T, D, settings)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b, hkv, g, t, d, settings", CASES, ids=lambda c: str(c) if not isinstance(c, dict) else "")
-def test_cpu_prefill_matches_reference(b, hkv, g, t, d, settings, dtype):
+def test_cpu_prefill_matches_reference(b, hkv, g, t, d, settings, dtype, cpu_path):
     cfg = SparseConfig(**settings)
     q, k, v = qkv(b, hkv, g, t, d, dtype)
     pos = torch.arange(t).expand(b, -1)
@@ -145,7 +163,7 @@ def test_cpu_prefill_matches_reference(b, hkv, g, t, d, settings, dtype):
     torch.testing.assert_close(out.float(), ref_batched(q, k, v, pos, cfg).float(), atol=atol, rtol=rtol)
 
 
-def test_cpu_decode_and_chunked_prefill_match_reference():
+def test_cpu_decode_and_chunked_prefill_match_reference(cpu_path):
     cfg = SparseConfig(**SMALL)
     b, t, extra = 2, 301, 19  # keys in a longer buffer, as in a KV cache
     q, k, v = qkv(b, 2, 3, t, 16)
@@ -160,7 +178,7 @@ def test_cpu_decode_and_chunked_prefill_match_reference():
         torch.testing.assert_close(out, full[:, :, start:stop], atol=2e-5, rtol=1e-5, msg=f"queries {start}:{stop}")
 
 
-def test_cpu_masks_unwritten_slots():
+def test_cpu_masks_unwritten_slots(cpu_path):
     cfg = SparseConfig(**SMALL)
     q, k, v = qkv(1, 1, 2, 300, 16)
     valid = torch.ones(1, 300, dtype=torch.bool)
@@ -184,7 +202,7 @@ def test_cpu_gradients_match_reference():
         torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-4, msg=name)
 
 
-def test_cpu_survives_logits_far_above_the_window():
+def test_cpu_survives_logits_far_above_the_window(cpu_path):
     # a far block whose logits exceed the local band's by > 88 overflows exp relative to the band's LSE:
     # the tile path must fall back to the exact merge
     cfg = SparseConfig(**SMALL)
@@ -196,13 +214,76 @@ def test_cpu_survives_logits_far_above_the_window():
     torch.testing.assert_close(out, ref_batched(q, k, v, pos, cfg), atol=1e-4, rtol=1e-4)
 
 
-def test_cpu_spans_several_prefill_chunks():
+def test_cpu_spans_several_prefill_chunks(cpu_path):
     cfg = SparseConfig(**SMALL)
     t = cpu.CHUNK + 77
     q, k, v = qkv(1, 1, 2, t, 8)
     pos = torch.arange(t)[None]
     torch.testing.assert_close(cpu.infllmv2_cpu(q, k, v, pos, cfg), ref_batched(q, k, v, pos, cfg),
                                atol=2e-5, rtol=1e-5)
+
+
+def _avx2_fma() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx2" in flags and " fma" in flags
+
+
+@pytest.mark.skipif(not _avx2_fma(), reason="cpu_fused.c needs AVX2 and FMA")
+def test_fused_kernels_build_on_this_machine():
+    # CI machines have a C compiler: a silent fallback to the torch path would hide a broken build
+    assert cpu._fused_kernels() is not None, cbuild.build_error(cpu._FUSED_SRC)
+
+
+FAR = dict(kernel_size=32, kernel_stride=16, init_blocks=1, block_size=64, window_size=256, topk=8, dense_len=-1)
+
+
+@pytest.mark.parametrize("g, d", [(8, 64), (3, 32), (1, 16)])  # 6-row micro-tiles with remainders of 2, 3 and 1
+def test_fused_far_blocks_match_the_torch_tiles_and_the_exact_merge(g, d):
+    lib = _fused_or_skip()
+    cfg = SparseConfig(**FAR)
+    n, t, c = 2, 1500, 400  # the last 400 queries of 1500 keys: every query has far blocks
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(n, g, c, d, generator=gen)
+    k, v = torch.randn(n, t, d, generator=gen), torch.randn(n, t, d, generator=gen)
+    pos = torch.arange(t - c, t).expand(n, -1)
+    nb = -(-t // cfg.block_size)
+    idx = cpu.select_blocks(cpu.block_scores(q, cpu.compress(k, 32, 16), cpu.compress(k, 128, 64), pos, cfg, nb),
+                            pos, cfg)
+    o_band, lse_band = cpu._band(q, k, v, pos, cfg, None, False)
+    fused = cpu._remote_fused(lib, q, k, v, pos, idx, cfg, nb, o_band, lse_band)
+    assert fused is not None
+    exact = cpu._remote(q, k, v, pos, idx, cfg, None, True, o_band, lse_band)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "_fused_kernels", lambda: None)
+        tiles = cpu._remote(q, k, v, pos, idx, cfg, None, False, o_band, lse_band)
+    torch.testing.assert_close(fused, exact, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(fused, tiles, atol=2e-6, rtol=1e-5)
+    assert not torch.equal(fused, o_band.float())  # the far blocks did contribute
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("g, t0, t", [(8, 0, 300), (3, 1000, 1077), (1, 5000, 5003)])
+def test_fused_stage1_scores_match_the_torch_scores(g, t0, t, transposed):
+    lib = _fused_or_skip()
+    cfg = SparseConfig(**FAR)
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, g, t - t0, 64, generator=gen)
+    k = torch.randn(2, t, 64, generator=gen)
+    pos = torch.arange(t0, t).expand(2, -1)  # from 0: queries that see no coarse key yet (score 0)
+    c1, c2 = cpu.compress(k, 32, 16), cpu.compress(k, 128, 64)
+    if transposed:  # padded to 16 columns, as infllmv2_cpu passes them
+        c1, c2 = cpu._transpose_padded(c1), cpu._transpose_padded(c2)
+    nb = -(-t // 64)
+    fused = cpu._scores_fused(lib, q, c1, c2, pos, cfg, transposed)
+    assert fused is not None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "_fused_kernels", lambda: None)
+        want = cpu.block_scores(q, c1, c2, pos, cfg, nb, transposed=transposed)
+    torch.testing.assert_close(cpu.pool_blocks(fused, cfg, nb), want, atol=1e-6, rtol=2e-5)
+    assert torch.equal(cpu.select_blocks(cpu.pool_blocks(fused, cfg, nb), pos, cfg), cpu.select_blocks(want, pos, cfg))
 
 
 @pytest.mark.parametrize("bad, msg", [

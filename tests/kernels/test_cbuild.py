@@ -1,0 +1,44 @@
+"""kernels/cbuild.py: C kernels built with the system compiler on first use, cached, and a clear reason
+(and the torch path) when they cannot be."""
+
+import shutil
+
+import pytest
+from cpmtool.kernels import cbuild
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler")
+
+
+def test_builds_caches_and_calls_a_kernel(tmp_path, monkeypatch):
+    src = tmp_path / "addk.c"
+    src.write_text("int add3(int a, int b, int c) { return a + b + c; }\n")
+    lib = cbuild.load(src)
+    assert lib is not None and lib.add3(1, 2, 39) == 42
+    built = list((tmp_path / "home" / "kernels").glob("addk-*.so"))
+    assert len(built) == 1  # under $CPMTOOL_HOME/kernels (conftest points it at tmp_path/home)
+    assert cbuild.load(src) is lib  # once per process
+    cbuild._loaded.clear()
+    mtime = built[0].stat().st_mtime_ns
+    assert cbuild.load(src).add3(1, 1, 1) == 3
+    assert built[0].stat().st_mtime_ns == mtime  # the cached library, not a rebuild
+    src.write_text("int add3(int a, int b, int c) { return a + b + c + 1; }\n")
+    cbuild._loaded.clear()
+    assert cbuild.load(src).add3(1, 1, 1) == 4  # an edited source builds anew
+    assert len(list((tmp_path / "home" / "kernels").glob("addk-*.so"))) == 2
+
+
+def test_a_broken_source_gives_none_and_the_compiler_error(tmp_path):
+    src = tmp_path / "broken.c"
+    src.write_text("int f(void) { return missing_symbol_xyz; }\n")
+    assert cbuild.load(src) is None
+    err = cbuild.build_error(src)
+    assert "broken.c" in err and "missing_symbol_xyz" in err
+
+
+def test_disabled_by_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("CPMTOOL_CPU_KERNELS", "0")
+    src = tmp_path / "ok.c"
+    src.write_text("int one(void) { return 1; }\n")
+    assert cbuild.load(src) is None
+    assert "CPMTOOL_CPU_KERNELS=0" in cbuild.build_error(src)
