@@ -20,10 +20,19 @@ Decode (one query per row) gathers the selected blocks directly: (N, K, block, D
 Inference uses ATen's fused CPU flash kernel for the band (it returns the LSE); with autograd on, an
 equivalent plain-matmul path runs so gradients flow to q, k and v (training through the sparse op).
 
-Cost (64k prefill, 16/2 heads x 64, 1 thread, random q/k): far-block tiles ~60% (the bmm's about
-half of it; query/key gathers, exp2 and the per-query adds the rest), stage 1 ~20%, window ~15%.
-Dense SDPA's flash kernel runs at about the bmm's FLOP rate, so the prefill speedup stays below the
-5x fewer keys InfLLM v2 reads at 64k (about 2.4x); decode, memory-bound, gains about the ratio of keys.
+Inference on an x86 CPU with AVX2/FMA runs three C kernels (`cpu_fused.c`, built on first use by
+kernels/cbuild.py with the system compiler) in place of torch ops, same arithmetic:
+- stage 1 (`_scores_fused`): the coarse keys' LSE and the head-summed exp2 scores, without the
+  (N, G, T, N1) logits tensor the torch path writes and re-reads; `_pool_select_fused`: max-pool
+  and top-k by one quickselect per query;
+- the far blocks (`_remote_fused`): each key block's (query, head) rows read their query and add into
+  their accumulator in place (no gathered tiles, no padding, no scatter-add).
+No compiler, no AVX2, autograd, masked cache slots or `CPMTOOL_CPU_KERNELS=0`: the torch path.
+
+Cost (64k prefill, 16/2 heads x 64, 1 thread, random q/k, `cpmtool bench attention`): with the C
+kernels the far blocks ~48% (at ~45 GFLOP/s), the window (flash kernel) ~27%, stage 1 ~23%;
+49-52 s against 161-169 s for dense SDPA (the torch path alone: 60-73 s, 2.2-2.8x). Decode,
+memory-bound, gains about the ratio of keys read.
 """
 
 from __future__ import annotations
@@ -350,7 +359,8 @@ def _fused_kernels():
         lib.infllmv2_far.argtypes = [p, p, p, i64, i64, p, p, p, p, p, p, p, i64, i32, i32, i32, i32]
         lib.infllmv2_scores.argtypes = [p, p, i64, i64, i64, i64, p, p, p, i64, i64, i64, i32, i32, i32]
         lib.infllmv2_lse.argtypes = [p, p, i64, i64, i64, i64, p, p, i64, i64, i32, i32, i32]
-        for f in (lib.infllmv2_far, lib.infllmv2_scores, lib.infllmv2_lse):
+        lib.infllmv2_pool_select.argtypes = [p, i64, i64, p, i64, i64, i64, i32, i32, i32, i32, i32, p, i32]
+        for f in (lib.infllmv2_far, lib.infllmv2_scores, lib.infllmv2_lse, lib.infllmv2_pool_select):
             f.restype = ctypes.c_int
     return lib
 
@@ -383,6 +393,22 @@ def _scores_fused(lib, q, c1, c2, q_pos, cfg: SparseConfig, transposed: bool):
         rc = lib.infllmv2_scores(qs.data_ptr(), c1.data_ptr(), c1.stride(0), c1.stride(jd[0]), c1.stride(jd[1]), n1,
                                  lse.data_ptr(), vis1.data_ptr(), p.data_ptr(), ld, n, t, g, d, threads)
     return p[..., :n1] if rc == 0 else None
+
+
+def _pool_select_fused(lib, p, q_pos, cfg: SparseConfig, n_blocks: int):
+    """`pool_blocks` then `select_blocks` in one C call (a quickselect per query instead of a top-k over
+    64-bit keys): p (N, T, N1) from _scores_fused -> idx (N, T, K) as select_blocks returns it."""
+    n, t, n1 = p.shape
+    if p.stride(2) != 1 or p.stride(0) != t * p.stride(1):
+        return None
+    kout = min(cfg.topk_eff, n_blocks)
+    pos = q_pos.long().contiguous()
+    out = torch.empty(n, t, kout, dtype=torch.long)
+    rc = lib.infllmv2_pool_select(p.data_ptr(), p.stride(1), n1, pos.data_ptr(), n * t, n_blocks, cfg.topk_eff,
+                                  cfg.block_size // cfg.kernel_stride, cfg.kernel_size // cfg.kernel_stride,
+                                  cfg.block_size, cfg.init_blocks, cfg.local_blocks, out.data_ptr(),
+                                  torch.get_num_threads())
+    return out if rc == 0 else None
 
 
 def _remote_fused(lib, q, k, v, q_pos, idx, cfg: SparseConfig, n_blocks: int, o_band, lse_band):
@@ -470,12 +496,15 @@ def infllmv2_cpu(q, k, v, q_pos, cfg: SparseConfig, *, c1=None, c2=None, q_score
         valid = None
     if valid is not None:
         valid = valid.repeat_interleave(hkv, 0)
-    sub = max(1, SCORE_BUDGET // max(1, n * g * c1.shape[1]))
+    # stage-1 queries per call: the torch path's (N, G, sub, N1) logits fill SCORE_BUDGET; the C kernels
+    # keep only (N, sub, N1) scores, so G times more queries share each packed panel of keys
+    fused = not q.is_cuda and _fused_kernels() is not None
+    sub = max(1, SCORE_BUDGET // max(1, n * (1 if fused else g) * c1.shape[1]))
     if t > sub:  # many sub-chunks score against them: transpose once (see block_scores), padded
         c1t, c2t = _transpose_padded(c1), _transpose_padded(c2)
     else:  # decode: a copy would cost more than the one bmm gains
         c1t, c2t = c1.float().transpose(1, 2), c2.float().transpose(1, 2)
-    work = q.new_empty(n * g * min(sub, t) * (c1t.shape[2] + c2t.shape[2]), dtype=torch.float32)
+    work = None if fused else q.new_empty(n * g * min(sub, t) * (c1t.shape[2] + c2t.shape[2]), dtype=torch.float32)
     # every row's queries at the same consecutive positions (a prefill, chunked or not): the band by query blocks
     contiguous = t > 1 and bool((pos == pos[:1, :1] + torch.arange(t, device=pos.device)).all())
     outs = []
@@ -518,5 +547,11 @@ def _select(q, c1t, c2t, q_pos, cfg: SparseConfig, n_blocks: int, work):
     n1, n2 = (min(-(-num_compressed(top, kernel, stride) // SCORE_ALIGN) * SCORE_ALIGN, c.shape[2])
               for kernel, stride, c in ((cfg.kernel_size, cfg.kernel_stride, c1t),
                                         (cfg.kernel_size2, cfg.kernel_stride2, c2t)))
+    if not q.is_cuda and (lib := _fused_kernels()) is not None:
+        p = _scores_fused(lib, q, c1t[..., :n1], c2t[..., :n2], q_pos, cfg, True)
+        if p is not None:
+            idx = _pool_select_fused(lib, p, q_pos, cfg, n_blocks)
+            if idx is not None:
+                return idx
     scores = block_scores(q, c1t[..., :n1], c2t[..., :n2], q_pos, cfg, n_blocks, transposed=True, work=work)
     return select_blocks(scores, q_pos, cfg)

@@ -1,18 +1,21 @@
-/* InfLLM v2 on CPU: two fused inference kernels for cpu.py (built on first use by kernels/cbuild.py).
+/* InfLLM v2 on CPU: fused inference kernels for cpu.py (built on first use by kernels/cbuild.py).
 
-   infllmv2_scores: stage 1's sum over a group's heads of exp2(q . c1 - lse2), per query and compressed
-   key, without the (N, G, T, N1) logits tensor the torch path writes and re-reads three times.
+   Stage 1 (block selection):
+   - infllmv2_lse: the coarse keys' log-sum-exp per query and head (the LSE approximation);
+   - infllmv2_scores: the sum over a group's heads of exp2(q . c1 - lse2) per query and compressed key,
+     without the (N, G, T, N1) logits tensor the torch path writes and re-reads three times;
+   - infllmv2_pool_select: max-pool to blocks and top-k with the forced blocks, a quickselect per query.
 
-   infllmv2_far: the far-block part of prefill (gather, QK^T, exp2, PV, add). cpu.py's torch path for the (query, far block) pairs gathers each tile's queries and key/value
-   blocks into buffers, runs two bmm's, then scatter-adds the results back: at 64k tokens the
-   gathers, the scatter-add and the separate exp2/sub/sum passes cost as much as the bmm's. Here a
-   key block's pairs are walked in place: the block's keys are packed once (transposed, L1-sized),
-   and every (query, head) row that selected it reads its query straight from q, and adds its
-   exp2-weighted values straight into its accumulator row. Same arithmetic as the torch path: logits
-   in base 2, relative to a per-row reference (the band's LSE), so the partial sums add into the
-   band's (o = o_band + sum p v, den = 1 + sum p).
+   Stage 2, infllmv2_far: the far blocks of prefill (sinks and top-k picks below the local window).
+   cpu.py's torch path gathers each tile's queries and key/value blocks into buffers, runs two bmm's,
+   then scatter-adds the results back: at 64k tokens the gathers, the scatter-add and the separate
+   exp2/sub/sum passes cost as much as the bmm's. Here a key block's pairs are walked in place: the
+   block's keys are packed once (transposed, L1-sized), and every (query, head) row that selected it
+   reads its query straight from q and adds its exp2-weighted values straight into its accumulator
+   row. Same arithmetic as the torch path: logits in base 2, relative to a per-row reference (the
+   band's LSE), so the partial sums add into the band's (o = o_band + sum p v, den = 1 + sum p).
 
-   Layouts (float32, row-major):
+   infllmv2_far's layouts (float32, row-major):
      q    (Nq, G*D)   queries, pre-scaled by D^-0.5 * log2(e); row i*G + h of (Nq*G, D) is query i, head h
      k, v (N, S, D)   rows n at k + n*k_stride, v + n*v_stride (a KV cache's used prefix is a view)
      ref  (Nq, G)     per-row reference, base 2
@@ -21,9 +24,10 @@
             seg_ptr[s]..seg_ptr[s+1] index qidx (query indices), row_ptr[n]..row_ptr[n+1] the segments of n.
    Rows n run in parallel (OpenMP): their queries are disjoint, so no two threads add to one row.
 
-   Micro-kernel: 6 (query, head) rows x 16 columns in twelve 8-float AVX2 accumulators, the shape that
-   keeps both FMA pipes busy while loads (6 broadcasts + 2 vector loads per step) fit the load ports.
-   Returns 0, or 1 when built without AVX2/FMA (the caller falls back to the torch path). */
+   Micro-kernel (dot16): R (query, head) rows x 16 columns in 2R 8-float AVX2 accumulators; R = 6 in
+   infllmv2_far keeps both FMA pipes busy while the loads (6 broadcasts + 2 vector loads per step)
+   fit the load ports. Every function returns 0, or 1 when built without AVX2/FMA (the caller then
+   runs the torch path). */
 
 #include <math.h>
 #include <stdint.h>
@@ -72,6 +76,9 @@ static inline __attribute__((always_inline)) void dot16(const int R, const float
     for (int r = 0; r < R; r++) a0[r] = a1[r] = _mm256_setzero_ps();
     for (int d = 0; d < D; d++) {
         __m256 k0 = _mm256_loadu_ps(ct + (int64_t)d * ldc), k1 = _mm256_loadu_ps(ct + (int64_t)d * ldc + 8);
+        /* keep the two key vectors in registers: GCC otherwise folds the load into every FMA
+           (2R loads per step instead of 2, and the load ports, not the FMAs, set the pace) */
+        __asm__("" : "+x"(k0), "+x"(k1));
         for (int r = 0; r < R; r++) {
             __m256 b = _mm256_broadcast_ss(qr[r] + d);
             a0[r] = _mm256_fmadd_ps(b, k0, a0[r]);
@@ -176,7 +183,8 @@ int infllmv2_far(const float *q, const float *k, const float *v, int64_t k_strid
     {
         float *kt = (float *)aligned_alloc(64, sizeof(float) * (size_t)(D * BS + MAXR * BS));
         float *p = kt + D * BS;
-        Row rows[MAXR];
+        Row *rows = NULL;
+        int64_t cap = 0;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t n = 0; n < n_rows; n++) {
             for (int64_t s = row_ptr[n]; s < row_ptr[n + 1]; s++) {
@@ -184,24 +192,28 @@ int infllmv2_far(const float *q, const float *k, const float *v, int64_t k_strid
                 const float *vb = v + n * v_stride + seg_block[s] * BS * D;
                 for (int j = 0; j < BS; j++)
                     for (int d = 0; d < D; d++) kt[d * BS + j] = kb[j * D + d];
-                int r = 0;
-                for (int64_t i = seg_ptr[s]; i < seg_ptr[s + 1]; i++) {
-                    int64_t qi = qidx[i];
-                    for (int h = 0; h < G; h++) {
-                        int64_t row = qi * G + h;
-                        rows[r].q = q + row * D;
-                        rows[r].o = num + row * D;
-                        rows[r].den = den + row;
-                        rows[r].ref = ref[row];
-                        if (++r == MAXR) {
-                            run_rows(MAXR, rows, kt, vb, D, BS, p);
-                            r = 0;
-                        }
-                    }
+                int64_t m = (seg_ptr[s + 1] - seg_ptr[s]) * G;
+                if (m > cap) {
+                    cap = 2 * m;
+                    rows = (Row *)realloc(rows, sizeof(Row) * (size_t)cap);
                 }
-                run_rows(r, rows, kt, vb, D, BS, p);
+                for (int64_t i = 0; i < m; i++) {
+                    int64_t row = qidx[seg_ptr[s] + i / G] * G + i % G;
+                    rows[i] = (Row){q + row * D, num + row * D, den + row, ref[row]};
+                }
+                /* a block's queries are scattered over the chunk (their q and accumulator rows come
+                   from L3 or memory): fetch the next micro-tile's rows while this one computes */
+                for (int64_t g0 = 0; g0 < m; g0 += MAXR) {
+                    for (int64_t i = g0 + MAXR; i < g0 + 2 * MAXR && i < m; i++)
+                        for (int c = 0; c < D; c += 16) {
+                            __builtin_prefetch(rows[i].q + c, 0, 3);
+                            __builtin_prefetch(rows[i].o + c, 1, 3);
+                        }
+                    run_rows(m - g0 < MAXR ? (int)(m - g0) : MAXR, rows + g0, kt, vb, D, BS, p);
+                }
             }
         }
+        free(rows);
         free(kt);
     }
     return 0;
@@ -326,7 +338,85 @@ int infllmv2_lse(const float *q, const float *c2, int64_t c_stride, int64_t sj, 
     return 0;
 }
 
+/* Pooling and top-k: p (rows, ldp) compressed-key scores (n1 valid columns, all >= 0) -> block
+   scores (max over the windows j in [b*per - m + 1, (b+1)*per) overlapping block b, 0 where none:
+   pool_blocks), then the selection of select_blocks: the forced blocks (sinks b < init, window
+   qb - local .. qb) and the best of the other past blocks (ties to the lower block) up to K in all,
+   never a block past qb = pos / bs. out (rows, kout) ascending, -1 first for unused slots,
+   kout = min(K, nb). One quickselect per row instead of a top-k over 64-bit keys. */
+static void swapf(float *a, int32_t *ai, int64_t i, int64_t j) {
+    float t = a[i]; a[i] = a[j]; a[j] = t;
+    int32_t u = ai[i]; ai[i] = ai[j]; ai[j] = u;
+}
+
+/* a[0..n) with indices ai: on return a[0..k) hold the k largest by (value desc, index asc) */
+static void select_top(float *a, int32_t *ai, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        float pv = a[mid];
+        int32_t pi = ai[mid];
+        swapf(a, ai, mid, hi);
+        int64_t st = lo;
+        for (int64_t i = lo; i < hi; i++)
+            if (a[i] > pv || (a[i] == pv && ai[i] < pi)) swapf(a, ai, i, st++);
+        swapf(a, ai, st, hi);
+        if (st == k - 1 || st == k) return;
+        if (st < k) lo = st + 1;
+        else hi = st - 1;
+    }
+}
+
+int infllmv2_pool_select(const float *p, int64_t ldp, int64_t n1, const int64_t *pos, int64_t rows, int64_t nb,
+                         int64_t K, int per, int m, int bs, int init, int local, int64_t *out, int n_threads) {
+    int64_t kout = K < nb ? K : nb;
+#pragma omp parallel num_threads(n_threads)
+    {
+        float *sc = (float *)malloc(sizeof(float) * (size_t)(nb + 1));
+        int32_t *si = (int32_t *)malloc(sizeof(int32_t) * (size_t)(nb + 1));
+        unsigned char *take = (unsigned char *)malloc((size_t)nb + 1);
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const float *pr = p + r * ldp;
+            int64_t qb = pos[r] / bs, top = qb < nb - 1 ? qb : nb - 1, nc = 0, nsel = 0;
+            memset(take, 0, (size_t)nb);
+            for (int64_t b = 0; b <= top; b++) {
+                if (b < init || b >= qb - local) {
+                    take[b] = 1;
+                    nsel++;
+                    continue;
+                }
+                int64_t j0 = b * per - m + 1, j1 = (b + 1) * per;
+                float mx = 0.0f;
+                for (int64_t j = j0 < 0 ? 0 : j0; j < j1 && j < n1; j++) mx = pr[j] > mx ? pr[j] : mx;
+                sc[nc] = mx;
+                si[nc++] = (int32_t)b;
+            }
+            int64_t want = kout - nsel; /* forced blocks never exceed K (init < topk) */
+            if (want > nc) want = nc;
+            if (want > 0) {
+                if (want < nc) select_top(sc, si, nc, want);
+                for (int64_t i = 0; i < want; i++) take[si[i]] = 1;
+                nsel += want;
+            }
+            int64_t *o = out + r * kout, w = 0;
+            for (; w < kout - nsel; w++) o[w] = -1;
+            for (int64_t b = 0; b <= top; b++)
+                if (take[b]) o[w++] = b;
+        }
+        free(sc);
+        free(si);
+        free(take);
+    }
+    return 0;
+}
+
 #else
+int infllmv2_pool_select(const float *p, int64_t ldp, int64_t n1, const int64_t *pos, int64_t rows, int64_t nb,
+                         int64_t K, int per, int m, int bs, int init, int local, int64_t *out, int n_threads) {
+    return 1;
+}
+
 int infllmv2_lse(const float *q, const float *c2, int64_t c_stride, int64_t sj, int64_t sd, int64_t P,
                  const int64_t *n_vis, float *lse, int64_t N, int64_t T, int G, int D, int n_threads) {
     return 1;

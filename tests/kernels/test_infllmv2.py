@@ -286,6 +286,21 @@ def test_fused_stage1_scores_match_the_torch_scores(g, t0, t, transposed):
     assert torch.equal(cpu.select_blocks(cpu.pool_blocks(fused, cfg, nb), pos, cfg), cpu.select_blocks(want, pos, cfg))
 
 
+@pytest.mark.parametrize("settings", [FAR, {**FAR, "init_blocks": 0}, {**FAR, "init_blocks": 2, "window_size": 0},
+                                      {**FAR, "kernel_size": 48}])
+def test_fused_pooling_and_top_k_match_select_blocks(settings):
+    lib = _fused_or_skip()
+    cfg = SparseConfig(**settings)
+    gen = torch.Generator().manual_seed(3)
+    t, n_blocks = 900, 40  # positions 0..2599: before the window fills, fewer past blocks than top-k, ...
+    pos = torch.randint(0, n_blocks * 64, (2, t), generator=gen)
+    n1 = num_compressed(n_blocks * 64, cfg.kernel_size, cfg.kernel_stride)
+    p = (torch.rand(2, t, n1, generator=gen) * 8).floor() / 8  # coarse values: many ties
+    got = cpu._pool_select_fused(lib, p, pos, cfg, n_blocks)
+    want = cpu.select_blocks(cpu.pool_blocks(p, cfg, n_blocks), pos, cfg)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("bad, msg", [
     ({"topk": 0}, "topk=0"),
     ({"block_size": 50}, "multiple of kernel_stride"),
