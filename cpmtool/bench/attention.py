@@ -9,7 +9,9 @@ One attention layer with random inputs, timed end to end:
   the newest window, stage 1, top-k, and attention over the selected blocks.
 InfLLM v2 is forced sparse at every length (dense_len is ignored here), so short contexts show its
 overhead rather than the dense fallback a model would use. On CUDA the sparse side is the Triton
-kernels; elsewhere the batched torch path (`kernels/infllmv2/cpu.py`).
+kernels ("infllmv2-triton"); elsewhere the batched CPU path (`kernels/infllmv2/cpu.py`) with its C
+kernels ("infllmv2-c", built on first use), or without them ("infllmv2-torch": no C compiler or
+AVX2, or CPMTOOL_CPU_KERNELS=0 to measure the torch path alone).
 
 Random Gaussian q/k make every query's top-k nearly independent of its neighbours': a worst case
 for the CPU path, which shares key-block gathers between queries that picked the same block.
@@ -109,7 +111,12 @@ def bench_attention(
             times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
-    sparse_name = "infllmv2-triton" if device == "cuda" else "infllmv2-torch"
+    if device == "cuda":
+        sparse_name = "infllmv2-triton"
+    else:  # the C kernels (cpu_fused.c) when they build here, else the torch path alone
+        from cpmtool.kernels.infllmv2.cpu import _fused_kernels
+
+        sparse_name = "infllmv2-torch" if _fused_kernels() is None else "infllmv2-c"
     base = dict(op="attention", dense="sdpa", sparse=sparse_name, device=device, dtype=dtype, batch=batch,
                 heads=heads, kv_heads=kv_heads, head_dim=head_dim, threads=torch.get_num_threads(),
                 sparse_config=cfg.to_dict())
