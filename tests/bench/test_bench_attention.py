@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from cpmtool.bench.attention import bench_attention, parse_contexts
+from cpmtool.kernels.infllmv2.cpu import _fused_kernels
 from cpmtool.errors import ConfigError
 
 SMALL = {"kernel_size": 8, "kernel_stride": 4, "block_size": 16, "window_size": 32, "topk": 4}
@@ -34,9 +35,16 @@ def test_rows_per_context_and_phase():
     for r in rows:
         assert r["dense_ms"] > 0 and r["sparse_ms"] > 0
         assert r["speedup"] == pytest.approx(r["dense_ms"] / r["sparse_ms"])
-        assert (r["device"], r["dtype"], r["dense"], r["sparse"]) == ("cpu", "float32", "sdpa", "infllmv2-torch")
+        assert (r["device"], r["dtype"], r["dense"]) == ("cpu", "float32", "sdpa")
+        assert r["sparse"] == ("infllmv2-torch" if _fused_kernels() is None else "infllmv2-c")
         assert r["sparse_config"]["dense_len"] == -1 and r["sparse_config"]["topk"] == 4
         assert r["threads"] == 1
+
+
+def test_names_the_torch_path_when_the_c_kernels_are_off(monkeypatch):
+    monkeypatch.setattr("cpmtool.kernels.infllmv2.cpu._fused_kernels", lambda: None)
+    rows = bench_attention([256], heads=2, kv_heads=1, head_dim=16, sparse_config=SMALL, decode_steps=1, threads=1)
+    assert {r["sparse"] for r in rows} == {"infllmv2-torch"}
 
 
 def test_bad_settings_are_one_config_error():
