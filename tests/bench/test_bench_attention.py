@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from cpmtool.kernels.infllmv2.cpu import _fused_kernels
 
 from cpmtool.bench.attention import bench_attention, parse_contexts
-from cpmtool.kernels.infllmv2.cpu import _fused_kernels
 from cpmtool.errors import ConfigError
 
 SMALL = {"kernel_size": 8, "kernel_stride": 4, "block_size": 16, "window_size": 32, "topk": 4}
