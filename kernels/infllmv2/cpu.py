@@ -349,12 +349,14 @@ _FUSED_SRC = Path(__file__).with_name("cpu_fused.c")
 
 
 def _fused_kernels():
-    """cpu_fused.c built for this CPU (kernels/cbuild.py), or None: no compiler, or CPMTOOL_CPU_KERNELS=0.
-    (Built without AVX2/FMA, its functions return 1 and the callers keep the torch path.)"""
+    """cpu_fused.c built for this CPU (kernels/cbuild.py), or None: no compiler, a CPU without AVX2/FMA
+    (the library then holds stubs), or CPMTOOL_CPU_KERNELS=0."""
     from ..cbuild import load
 
     lib = load(_FUSED_SRC)
-    if lib is not None and lib.infllmv2_far.argtypes is None:
+    if lib is None or not lib.infllmv2_available():
+        return None
+    if lib.infllmv2_far.argtypes is None:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.infllmv2_far.argtypes = [p, p, p, i64, i64, p, p, p, p, p, p, p, i64, i32, i32, i32, i32]
         lib.infllmv2_scores.argtypes = [p, p, i64, i64, i64, i64, p, p, p, i64, i64, i64, i32, i32, i32]

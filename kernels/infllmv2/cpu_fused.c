@@ -26,8 +26,8 @@
 
    Micro-kernel (dot16): R (query, head) rows x 16 columns in 2R 8-float AVX2 accumulators; R = 6 in
    infllmv2_far keeps both FMA pipes busy while the loads (6 broadcasts + 2 vector loads per step)
-   fit the load ports. Every function returns 0, or 1 when built without AVX2/FMA (the caller then
-   runs the torch path). */
+   fit the load ports. Every function returns 0 (2 for shapes it does not take); built without
+   AVX2/FMA, infllmv2_available() is 0 and the others return 1 (the caller runs the torch path). */
 
 #include <math.h>
 #include <stdint.h>
@@ -38,6 +38,8 @@
 #include <immintrin.h>
 
 #define MAXR 6
+
+int infllmv2_available(void) { return 1; }
 
 /* 2^x for x <= 128 (128 and above give +inf, so an overflow stays visible to the caller); x <= -127
    (and -inf) gives 0. 2^x = 2^n * 2^f with n = round(x), |f| <= 0.5, and 2^f by its Taylor series
@@ -412,6 +414,8 @@ int infllmv2_pool_select(const float *p, int64_t ldp, int64_t n1, const int64_t 
 }
 
 #else
+int infllmv2_available(void) { return 0; } /* no AVX2/FMA: every caller keeps its torch path */
+
 int infllmv2_pool_select(const float *p, int64_t ldp, int64_t n1, const int64_t *pos, int64_t rows, int64_t nb,
                          int64_t K, int per, int m, int bs, int init, int local, int64_t *out, int n_threads) {
     return 1;

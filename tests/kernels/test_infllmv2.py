@@ -1,6 +1,9 @@
 """InfLLM v2: the plain-torch reference against the spec, and the CPU production path against the reference."""
 
+import ctypes
 import math
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -235,6 +238,17 @@ def _avx2_fma() -> bool:
 def test_fused_kernels_build_on_this_machine():
     # CI machines have a C compiler: a silent fallback to the torch path would hide a broken build
     assert cpu._fused_kernels() is not None, cbuild.build_error(cpu._FUSED_SRC)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_fused_source_builds_stubs_without_avx2(tmp_path):
+    # built for a CPU without AVX2/FMA (no -march=native) the library says so, and the Python side
+    # then keeps the torch path
+    so = tmp_path / "stub.so"
+    subprocess.run(["cc", "-O2", "-fPIC", "-shared", "-std=c11", "-o", str(so), str(cpu._FUSED_SRC)], check=True)
+    lib = ctypes.CDLL(str(so))
+    assert lib.infllmv2_available() == 0
+    assert lib.infllmv2_pool_select(*[0] * 14) == 1
 
 
 FAR = dict(kernel_size=32, kernel_stride=16, init_blocks=1, block_size=64, window_size=256, topk=8, dense_len=-1)
