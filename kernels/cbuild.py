@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -48,20 +49,20 @@ def _cpu_id() -> bytes:
     return "\n".join(keep).encode()
 
 
-def _compile(cc: str, src: Path, out: Path) -> str | None:
+def _compile(cc: list[str], src: Path, out: Path) -> str | None:
     """Build src into out (OpenMP when the compiler has it); None on success, else the error."""
     err = ""
     for extra in (["-fopenmp"], []):
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
-        r = subprocess.run([cc, *FLAGS, *extra, "-o", tmp, str(src)], capture_output=True, text=True)
+        r = subprocess.run([*cc, *FLAGS, *extra, "-o", tmp, str(src)], capture_output=True, text=True)
         if r.returncode == 0:
             os.replace(tmp, out)
             return None
         os.unlink(tmp)
         lines = r.stderr.strip().splitlines() or [f"exit status {r.returncode}"]
         err = next((x for x in lines if "error" in x), lines[-1])  # the first error, not a trailing note
-    return f"{cc} failed on {src.name}: {err}"
+    return f"{cc[0]} failed on {src.name}: {err}"
 
 
 def load(src: Path) -> ctypes.CDLL | None:
@@ -70,13 +71,14 @@ def load(src: Path) -> ctypes.CDLL | None:
     if name in _loaded:
         return _loaded[name]
     lib, err = None, None
+    cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]  # $CC may hold flags
     if not enabled():
         err = "disabled by CPMTOOL_CPU_KERNELS=0"
-    elif not (cc := os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+    elif not cc[0]:
         err = "no C compiler (cc/gcc) on PATH"
     else:
         text = src.read_bytes()
-        key = hashlib.sha256(b"\0".join([text, " ".join(FLAGS).encode(), cc.encode(),
+        key = hashlib.sha256(b"\0".join([text, " ".join(FLAGS + cc).encode(),
                                          platform.machine().encode(), _cpu_id()])).hexdigest()[:16]
         out = _cache_dir() / f"{src.stem}-{key}.so"
         try:

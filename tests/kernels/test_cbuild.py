@@ -42,3 +42,15 @@ def test_disabled_by_environment(tmp_path, monkeypatch):
     src.write_text("int one(void) { return 1; }\n")
     assert cbuild.load(src) is None
     assert "CPMTOOL_CPU_KERNELS=0" in cbuild.build_error(src)
+
+
+def test_cc_may_carry_flags_and_a_missing_one_is_a_clear_reason(tmp_path, monkeypatch):
+    src = tmp_path / "flagged.c"
+    src.write_text("int seven(void) { return SEVEN; }\n")
+    monkeypatch.setenv("CC", f"{shutil.which('cc') or shutil.which('gcc')} -DSEVEN=7")
+    assert cbuild.load(src).seven() == 7
+    other = tmp_path / "other.c"
+    other.write_text("int one(void) { return 1; }\n")
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert cbuild.load(other) is None
+    assert "/nonexistent/cc" in cbuild.build_error(other)
