@@ -38,7 +38,7 @@ CPMTOOL ?= $(PYTHON) -m cpmtool
 # is trained to convergence and nearly deterministic (pass@8 at T=1 equals its greedy accuracy), so
 # GRPO has nothing to select on it; MODEL=cpm-tiny runs the same recipe on it anyway. The step count
 # matters (greedy on the test split below, before -> after 10 minutes of `grpo`): 700 steps 20.5% ->
-# 28.0% (pass@8 33%), 850 steps 55% -> 62% (pass@8 69%), 780 steps 28% -> 44% and 44.5% (two seeds;
+# 28.0% (pass@8 33%), 850 steps 55% -> 62% (pass@8 69%), 780 steps 28% -> 43.5-44.5% (three runs;
 # pass@8 45%): the recipe is mid-way through learning the task there, and RL carries it further.
 BASE_STEPS ?= 780
 MODEL   ?= $(OUT)/base
