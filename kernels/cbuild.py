@@ -23,6 +23,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from cpmtool.model.registry import cpmtool_home
+
 log = logging.getLogger(__name__)
 
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
@@ -33,10 +35,6 @@ _errors: dict[str, str] = {}
 def enabled() -> bool:
     """False when `CPMTOOL_CPU_KERNELS=0`: every caller runs its torch path."""
     return os.environ.get("CPMTOOL_CPU_KERNELS", "1") != "0"
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("CPMTOOL_HOME") or "~/.cache/cpmtool").expanduser() / "kernels"
 
 
 def _cpu_id() -> bytes:
@@ -80,7 +78,7 @@ def load(src: Path) -> ctypes.CDLL | None:
         text = src.read_bytes()
         key = hashlib.sha256(b"\0".join([text, " ".join(FLAGS + cc).encode(),
                                          platform.machine().encode(), _cpu_id()])).hexdigest()[:16]
-        out = _cache_dir() / f"{src.stem}-{key}.so"
+        out = cpmtool_home() / "kernels" / f"{src.stem}-{key}.so"
         try:
             if not out.exists():
                 out.parent.mkdir(parents=True, exist_ok=True)
