@@ -234,7 +234,7 @@ def default_suite(*, quick: bool = False, threads: int | None = None,
 
     trl = importlib.util.find_spec("trl") is not None
     rl = SubBench("train-rl", (["--batch-size", "2", "--n", "4", "--max-tokens", "16", "--steps", "1", "--warmup",
-                                "1"] if quick else []) + ["--compare", "trl" if trl else ""] + t,
+                                "1", "--repeat", "1"] if quick else []) + ["--compare", "trl" if trl else ""] + t,
                   "our GRPO trainer vs TRL GRPOTrainer" if trl else "our GRPO trainer",
                   _train_rl_table, _train_rl_headline,
                   lambda rows: ("samples/s", {r["trainer"]: r["samples_per_s"] for r in rows if r["trainer"] != "ratio"}))

@@ -246,11 +246,13 @@ def train_rl_cmd(
     warmup: int = typer.Option(1, "--warmup", help="Untimed first steps."),
     lr: float = typer.Option(1e-5, "--lr", help="Learning rate (both trainers)."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+    repeat: int = typer.Option(3, "--repeat", help="Rounds: the trainers run in turn this many times; the rows "
+                               "are the median round and the median per-round ratio."),
 ):
     """GRPO throughput: our trainer vs TRL's GRPOTrainer on the same model, batch, group size, lengths, steps.
 
-    Prints one JSON row per trainer (samples/s, completion tokens/s) and their ratio; needs
-    `pip install 'cpmtool[trl]'` for --compare trl.
+    Prints one JSON row per trainer (samples/s, completion tokens/s; the median of --repeat rounds)
+    and the median per-round ratio; needs `pip install 'cpmtool[trl]'` for --compare trl.
 
     Example: cpmtool bench train-rl --compare trl --model cpm-tiny --batch-size 8 --n 8 --max-tokens 64 --threads 2
     """
@@ -267,7 +269,8 @@ def train_rl_cmd(
         sys.stdout.write(orjson.dumps(r).decode() + "\n")
 
     bench_train_rl(model, prompts=prompts, compare=compare or None, batch_size=batch_size, n=n,
-                   max_tokens=max_tokens, steps=steps, warmup=warmup, lr=lr, threads=threads or 0, on_row=show)
+                   max_tokens=max_tokens, steps=steps, warmup=warmup, lr=lr, threads=threads or 0, repeat=repeat,
+                   on_row=show, progress=lambda s: print(f"cpmtool bench train-rl: {s}", file=sys.stderr, flush=True))
 
 
 @app.command("ternary")

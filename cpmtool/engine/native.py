@@ -210,12 +210,12 @@ class Scheduler:
         if any(want_lp):
             k = max((p.logprobs or 0) for p in ps)
             lp, top_v, top_i = token_logprobs(logits, nxt, k)
+            lp = lp.tolist()
         events = []
-        for b, s in enumerate(seqs):
-            tok = int(nxt[b])
+        for b, (s, tok) in enumerate(zip(seqs, nxt.tolist(), strict=True)):
             s.tokens.append(tok)
             if want_lp[b]:
-                s.logprobs.append(float(lp[b]))
+                s.logprobs.append(lp[b])
                 if s.req.params.logprobs:
                     k = s.req.params.logprobs
                     s.top.append(dict(zip(top_i[b, :k].tolist(), top_v[b, :k].tolist(), strict=True)))

@@ -50,9 +50,23 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         return out
     rows = (~greedy).nonzero().flatten()
     x = filter_logits(logits[rows], temperature[rows], top_k[rows], top_p[rows], min_p[rows])
-    probs = x.softmax(-1)
+    probs = x.softmax(-1)  # (R, V)
+    # torch.multinomial's own one-sample algorithm (argmax of p / q with q ~ Exp(1)), batched: only
+    # the noise is drawn per row, from the row's generator, so the tokens are the ones a per-row
+    # torch.multinomial(p, 1, generator=g) call gives, bit for bit, without its per-call checks
+    # (a third of a cpm-tiny rollout went to those)
+    noise = torch.empty_like(probs)
+    shared = []
     for j, r in enumerate(rows.tolist()):
-        out[r] = torch.multinomial(probs[j], 1, generator=generators[r])[0]
+        if generators[r] is None:
+            shared.append(j)
+        else:
+            noise[j].exponential_(generator=generators[r])
+    if len(shared) == len(noise):
+        noise.exponential_()
+    elif shared:
+        noise[shared] = torch.empty(len(shared), noise.shape[1]).exponential_()
+    out[rows] = probs.div_(noise).argmax(-1)
     return out
 
 

@@ -192,6 +192,18 @@ class KVCache:
         self.extra = {k: sel(v) for k, v in self.extra.items()}
 
 
+class SharedPrompts:
+    """A batch of responses whose prompts repeat: G distinct prompts, B responses.
+
+    prompt_ids (G, P) and response_ids (B, L) are right-padded (prompt_lens, response_lens real
+    tokens); group (B,) long is each response's prompt row.
+    """
+
+    def __init__(self, prompt_ids, prompt_lens: list[int], response_ids, response_lens: list[int], group):
+        self.prompt_ids, self.prompt_lens = prompt_ids, prompt_lens
+        self.response_ids, self.response_lens, self.group = response_ids, response_lens, group
+
+
 class Packing:
     """Right-padded rows (B, T) with `lengths` real tokens, stored packed as (N, F) rows.
 
@@ -384,9 +396,51 @@ class Transformer(nn.Module):
             x = x / self.config.logit_divisor
         return x if packing is None else packing.unpack(x)
 
-    def forward(self, input_ids, positions=None, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V). `positions` (B, T) default to 0..T-1; with `cache` they index its slots."""
-        return self.lm_head(self.hidden_states(input_ids, positions, cache))
+    def forward(self, input_ids, positions=None, cache: KVCache | None = None, lengths: list[int] | None = None,
+                select: torch.Tensor | None = None, responses: SharedPrompts | None = None) -> torch.Tensor:
+        """Logits (B, T, V). `positions` (B, T) default to 0..T-1; with `cache` they index its slots.
+
+        Training passes `lengths` (right-padded rows: the padding costs attention only, see
+        `hidden_states`) and `select` (B, L) positions: the logits are then (B, L, V), at those
+        positions only, so the prompt's positions never go through the LM head. With `responses`
+        (and `input_ids` None) it returns `response_logits(responses)`; this goes through forward
+        so that a DistributedDataParallel wrapper sees the call.
+        """
+        if responses is not None:
+            return self.response_logits(responses)
+        h = self.hidden_states(input_ids, positions, cache, lengths=lengths)  # (B, T, hidden)
+        if select is not None:
+            h = h.gather(1, select[..., None].expand(-1, -1, h.shape[-1]))  # (B, L, hidden)
+        return self.lm_head(h)
+
+    def response_logits(self, batch: SharedPrompts) -> torch.Tensor:
+        """Logits (B, L, V) predicting every response token, each distinct prompt run once.
+
+        GRPO's n samples of a prompt (DPO's chosen and rejected) repeat the prompt: run per row,
+        its tokens cost n times. Here the prompts run once (G rows) into a KV cache, which is fanned
+        out to the B responses (index_select, whose backward sums the n rows' gradients), and the
+        responses run after them as a second chunk, as a prefill and a decode chunk do in the
+        engine. Logits and gradients are those of the B full rows; only the summation order differs.
+        """
+        g, p = batch.prompt_ids.shape
+        b, width = batch.response_ids.shape
+        dev = batch.prompt_ids.device
+        cache = self.new_cache(g, p + width)
+        h = self.hidden_states(batch.prompt_ids, None, cache, lengths=batch.prompt_lens)  # (G, P, hidden)
+        plen = torch.tensor(batch.prompt_lens, device=dev)
+        # the padding's slots: a response's own tokens overwrite those its queries could see (attention
+        # is by position), so this only keeps `valid` honest
+        for i, n in enumerate(batch.prompt_lens):
+            cache.valid[i, n:] = False
+        first = h[torch.arange(g, device=dev), plen - 1].index_select(0, batch.group)  # (B, hidden): token 0
+        if width == 1:
+            return self.lm_head(first[:, None])
+        cache.select_rows(batch.group)
+        # response token j (j < L - 1) is fed at position len(prompt) + j and predicts token j + 1
+        pos = plen.index_select(0, batch.group)[:, None] + torch.arange(width - 1, device=dev)  # (B, L - 1)
+        lens = [max(n - 1, 0) for n in batch.response_lens]
+        rest = self.hidden_states(batch.response_ids[:, :-1], pos, cache, lengths=lens)  # (B, L - 1, hidden)
+        return self.lm_head(torch.cat([first[:, None], rest], dim=1))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head on a few rows of hidden states (B, hidden) -> (B, V), as in decoding.

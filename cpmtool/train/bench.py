@@ -116,24 +116,46 @@ def _trl(model: str, records: list[dict], out: Path, *, batch_size, n, max_token
     return row
 
 
+def _median(xs: list[float]) -> float:
+    import statistics
+
+    return statistics.median(xs)
+
+
+def _summary(runs: list[dict]) -> dict:
+    """One trainer's rounds -> its row: the median round, with every round's samples/s kept."""
+    row = dict(sorted(runs, key=lambda r: r["samples_per_s"] or 0.0)[len(runs) // 2])
+    if len(runs) > 1:
+        row["rounds"] = len(runs)
+        row["samples_per_s_runs"] = [r["samples_per_s"] for r in runs]
+    return row
+
+
 def bench_train_rl(model: str = "cpm-tiny", *, prompts: str | None = None, compare: str | None = "trl",
                    batch_size: int = 8, n: int = 8, max_tokens: int = 64, steps: int = 3, warmup: int = 1,
-                   lr: float = 1e-5, threads: int = 0, seed: int = 0, on_row=None) -> list[dict]:
+                   lr: float = 1e-5, threads: int = 0, seed: int = 0, repeat: int = 1, on_row=None,
+                   progress=None) -> list[dict]:
     """Time the same GRPO configuration in our trainer and (with `compare="trl"`) in TRL.
 
     Returns one row per trainer (samples/s, seconds, steps, completion tokens/s) and, with a
-    comparison, a row with the ratio ours / theirs. `on_row(row)` sees each row as it is made.
+    comparison, a row with the ratio ours / theirs. With `repeat` R > 1 the two trainers run in
+    turn R times (same seed, so the same work each round); a trainer's row is its median round and
+    the ratio is the median of the R per-round ratios, so a slow spell of a shared machine lands
+    on both sides of one round instead of on one trainer. `on_row(row)` sees each final row;
+    `progress(text)` each round's figures.
 
     Raises:
         ConfigError: bad sizes or an unknown comparison.
         MissingDependencyError: `trl` (or `datasets`) is not installed (pip install 'cpmtool[trl]').
     """
+    import json
+
     import torch
 
     if compare not in (None, "", *COMPARE):
         raise ConfigError(f"--compare {compare!r}: valid: {', '.join(COMPARE)}")
-    if min(batch_size, n, max_tokens, steps) < 1 or warmup < 0:
-        raise ConfigError("--batch-size, --n, --max-tokens and --steps must be >= 1, --warmup >= 0")
+    if min(batch_size, n, max_tokens, steps, repeat) < 1 or warmup < 0:
+        raise ConfigError("--batch-size, --n, --max-tokens, --steps and --repeat must be >= 1, --warmup >= 0")
     if compare:  # fail before the first timing, not after it
         require("trl", extra="trl", purpose="cpmtool bench train-rl --compare trl")
     if threads:
@@ -141,30 +163,40 @@ def bench_train_rl(model: str = "cpm-tiny", *, prompts: str | None = None, compa
     records = _prompts(prompts, batch_size * (warmup + steps), seed)
     common = {"model": model, "batch_size": batch_size, "n": n, "max_tokens": max_tokens, "lr": lr,
               "threads": torch.get_num_threads()}
-    rows = []
+    ours_runs: list[dict] = []
+    theirs_runs: list[dict] = []
+    ratios: list[float] = []
     with tempfile.TemporaryDirectory(prefix="cpmtool-bench-rl-") as tmp:
         tmp = Path(tmp)
         pfile = tmp / "prompts.jsonl"
-        import json
-
         pfile.write_text("".join(json.dumps(r) + "\n" for r in records))
-        ours = {**_ours(model, pfile, tmp / "ours", batch_size=batch_size, n=n, max_tokens=max_tokens, steps=steps,
-                        warmup=warmup, lr=lr, threads=threads, seed=seed), **common}
-        rows.append(ours)
-        if on_row:
-            on_row(ours)
-        if compare == "trl":
-            theirs = {**_trl(model, records, tmp, batch_size=batch_size, n=n, max_tokens=max_tokens, steps=steps,
-                             warmup=warmup, lr=lr, seed=seed), **common}
-            rows.append(theirs)
-            if on_row:
-                on_row(theirs)
-            ratio = {"trainer": "ratio", "samples_per_s_ratio": round(ours["samples_per_s"] / theirs["samples_per_s"], 2)
-                     if theirs.get("samples_per_s") else None, **common}
-            if ours.get("completion_tokens_per_s") and theirs.get("completion_tokens_per_s"):
-                ratio["completion_tokens_per_s_ratio"] = round(
-                    ours["completion_tokens_per_s"] / theirs["completion_tokens_per_s"], 2)
-            rows.append(ratio)
-            if on_row:
-                on_row(ratio)
+        for rnd in range(repeat):
+            ours_runs.append(_ours(model, pfile, tmp / f"ours{rnd}", batch_size=batch_size, n=n,
+                                   max_tokens=max_tokens, steps=steps, warmup=warmup, lr=lr, threads=threads,
+                                   seed=seed))
+            line = f"round {rnd + 1}/{repeat}: cpmtool {ours_runs[-1]['samples_per_s']:.2f} samples/s"
+            if compare == "trl":
+                theirs_runs.append(_trl(model, records, tmp / f"trl{rnd}", batch_size=batch_size, n=n,
+                                        max_tokens=max_tokens, steps=steps, warmup=warmup, lr=lr, seed=seed))
+                if theirs_runs[-1].get("samples_per_s"):
+                    ratios.append(ours_runs[-1]["samples_per_s"] / theirs_runs[-1]["samples_per_s"])
+                    line += f", trl {theirs_runs[-1]['samples_per_s']:.2f} samples/s, x{ratios[-1]:.2f}"
+            if progress:
+                progress(line)
+    rows = [{**_summary(ours_runs), **common}]
+    if compare == "trl":
+        theirs = {**_summary(theirs_runs), **common}
+        rows.append(theirs)
+        ratio = {"trainer": "ratio", "samples_per_s_ratio": round(_median(ratios), 2) if ratios else None, **common}
+        if len(ratios) > 1:
+            ratio["rounds"] = len(ratios)
+            ratio["ratio_runs"] = [round(x, 2) for x in ratios]
+        ours = rows[0]
+        if ours.get("completion_tokens_per_s") and theirs.get("completion_tokens_per_s"):
+            ratio["completion_tokens_per_s_ratio"] = round(
+                ours["completion_tokens_per_s"] / theirs["completion_tokens_per_s"], 2)
+        rows.append(ratio)
+    if on_row:
+        for r in rows:
+            on_row(r)
     return rows

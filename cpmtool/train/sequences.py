@@ -69,20 +69,43 @@ def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]
     dev = next(model.parameters()).device
     lens = [len(r) for r in responses]
     width = max(lens)
-    ids = pad_rows([p + r for p, r in zip(prompts, responses, strict=True)], pad_id, dev)  # (B, T)
-    logits = model(ids)  # (B, T, V)
-    # logits at position len(prompt) - 1 + l predict response token l
-    start = torch.tensor([len(p) - 1 for p in prompts], device=dev)
-    idx = (start[:, None] + torch.arange(width, device=dev)[None]).clamp(max=ids.shape[1] - 1)  # (B, L)
     mask = torch.arange(width, device=dev)[None] < torch.tensor(lens, device=dev)[:, None]  # (B, L)
-    sel = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))  # (B, L, V)
     targets = pad_rows(responses, pad_id, dev)  # (B, L)
+    shared = _shared_prompts(model, prompts, responses, targets, pad_id)
+    if shared is not None:
+        sel = model(None, responses=shared)  # (B, L, V)
+    else:
+        rows = [p + r for p, r in zip(prompts, responses, strict=True)]
+        ids = pad_rows(rows, pad_id, dev)  # (B, T)
+        # logits at position len(prompt) - 1 + l predict response token l
+        start = torch.tensor([len(p) - 1 for p in prompts], device=dev)
+        idx = (start[:, None] + torch.arange(width, device=dev)[None]).clamp(max=ids.shape[1] - 1)  # (B, L)
+        # the padding costs attention only, and the LM head runs on the response positions only
+        sel = model(ids, lengths=[len(r) for r in rows], select=idx)  # (B, L, V)
     logp, ent = logprobs_and_entropy(sel, targets, temperature, with_entropy)
     zero = torch.zeros_like(logp)
     logp = torch.where(mask, logp, zero)
     if ent is not None:
         ent = torch.where(mask, ent, zero)
     return logp, ent, mask.to(logp.dtype)
+
+
+def _shared_prompts(model, prompts, responses, targets, pad_id):
+    """The batch as a SharedPrompts when some prompt repeats (a GRPO group, a DPO pair) and the
+    model runs it (dense attention: the cache path of a sparse kernel has no backward)."""
+    from cpmtool.model.transformer import SharedPrompts, Transformer
+
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    if not isinstance(inner, Transformer) or inner.config.attention != "dense":
+        return None
+    rows: dict[tuple, int] = {}
+    group = [rows.setdefault(tuple(p), len(rows)) for p in prompts]
+    if len(rows) == len(prompts):
+        return None
+    dev = targets.device
+    uniq = [list(p) for p in rows]
+    return SharedPrompts(pad_rows(uniq, pad_id, dev), [len(p) for p in uniq], targets,
+                         [len(r) for r in responses], torch.tensor(group, device=dev))
 
 
 def padded(values: list[list[float]], width: int | None = None) -> torch.Tensor:

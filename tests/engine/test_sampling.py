@@ -74,3 +74,23 @@ def test_token_logprobs_are_raw_log_softmax():
     z = math.log(math.exp(1) + math.exp(2) + math.exp(3))
     assert abs(lp.item() - (1 - z)) < 1e-6
     assert ids[0].tolist() == [2, 1] and abs(vals[0, 0].item() - (3 - z)) < 1e-6
+
+
+def test_batched_draws_are_per_row_multinomial_draws():
+    # each seeded row draws its noise from its own generator: the tokens are those of
+    # torch.multinomial(p, 1, generator=g) row by row, whatever the other rows are
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    temp = torch.tensor([1.0, 0.0, 0.7, 1.0, 1.3, 1.0])
+    top_k = torch.tensor([0, 0, 5, 0, 0, 0])
+    top_p = torch.tensor([1.0, 1.0, 1.0, 0.8, 1.0, 1.0])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.05, 0.0])
+    for step in range(20):
+        gens = [torch.Generator().manual_seed(step * 10 + i) for i in range(6)]
+        gens[1] = gens[5] = None  # a greedy row and an unseeded one
+        got = sample(logits, temp, top_k, top_p, min_p, gens)
+        probs = filter_logits(logits, temp.clamp(min=1e-6), top_k, top_p, min_p).softmax(-1)
+        for i in (0, 2, 3, 4):
+            g = torch.Generator().manual_seed(step * 10 + i)
+            assert got[i].item() == torch.multinomial(probs[i], 1, generator=g).item(), (step, i)
+        assert got[1].item() == logits[1].argmax().item()
+        assert probs[5, got[5]] > 0

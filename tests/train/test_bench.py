@@ -10,11 +10,15 @@ import pytest
 def test_bench_ours_alone(tiny_model_dir, arith_prompts):
     from cpmtool.train.bench import bench_train_rl
 
+    seen = []
     rows = bench_train_rl(str(tiny_model_dir), prompts=str(arith_prompts[0]), compare=None, batch_size=2, n=4,
-                          max_tokens=8, steps=2, warmup=1, threads=1)
+                          max_tokens=8, steps=2, warmup=1, threads=1, repeat=3, progress=seen.append)
     assert len(rows) == 1 and rows[0]["trainer"] == "cpmtool"
     r = rows[0]
     assert r["steps"] == 2 and r["samples"] == 16 and r["samples_per_s"] > 0 and r["n"] == 4
+    # three rounds: the row is the median one, and every round's figure is kept
+    assert r["rounds"] == 3 and sorted(r["samples_per_s_runs"])[1] == r["samples_per_s"]
+    assert [s.split(":")[0] for s in seen] == ["round 1/3", "round 2/3", "round 3/3"]
 
 
 def test_bench_rejects_unknown_comparison():
@@ -31,9 +35,12 @@ def test_bench_against_trl(tiny_model_dir, arith_prompts, capsys):
     from cpmtool.train.bench import bench_train_rl
 
     rows = bench_train_rl(str(tiny_model_dir), prompts=str(arith_prompts[0]), compare="trl", batch_size=2, n=4,
-                          max_tokens=8, steps=2, warmup=1, threads=1)
+                          max_tokens=8, steps=2, warmup=1, threads=1, repeat=3)
     assert [r["trainer"] for r in rows] == ["cpmtool", "trl", "ratio"]
-    assert rows[1]["samples"] == 16 and rows[1]["samples_per_s"] > 0
-    assert rows[2]["samples_per_s_ratio"] == pytest.approx(rows[0]["samples_per_s"] / rows[1]["samples_per_s"], rel=0.01)
+    assert rows[1]["samples"] == 16 and rows[1]["samples_per_s"] > 0 and len(rows[1]["samples_per_s_runs"]) == 3
+    # the ratio is the median of the per-round ratios
+    per_round = [a / b for a, b in zip(rows[0]["samples_per_s_runs"], rows[1]["samples_per_s_runs"], strict=True)]
+    assert rows[2]["ratio_runs"] == [round(x, 2) for x in per_round]
+    assert rows[2]["samples_per_s_ratio"] == pytest.approx(sorted(per_round)[1], abs=0.006)
     assert capsys.readouterr().out == ""  # TRL's log printer is removed: stdout stays for data
     json.dumps(rows)

@@ -1,0 +1,74 @@
+"""Response log-probs: the packed and the shared-prompt forwards against one row at a time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpmtool.model.loader import load_model
+from cpmtool.train import sequences
+from cpmtool.train.sequences import response_logprobs
+
+
+@pytest.fixture(scope="module")
+def model():
+    m, _ = load_model("cpm-tiny")
+    return m.train()
+
+
+def _batch(shared: bool):
+    """Four prompts of different lengths, three responses each (lengths 1 to 9); with `shared` off
+    every row gets its own prompt (the group's prompt with a different last token)."""
+    g = torch.Generator().manual_seed(1)
+    prompts, responses = [], []
+    for gi in range(4):
+        p = torch.randint(5, 300, (3 + 2 * gi,), generator=g).tolist()
+        for j in range(3):
+            prompts.append(p if shared else p[:-1] + [5 + 10 * gi + j])
+            responses.append(torch.randint(5, 300, ((gi * 3 + j) % 9 + 1,), generator=g).tolist())
+    return prompts, responses
+
+
+def _one_row_at_a_time(model, prompts, responses):
+    out = []
+    for p, r in zip(prompts, responses, strict=True):
+        logits = model(torch.tensor([p + r]))[0, len(p) - 1: len(p) + len(r) - 1]  # (len(r), V)
+        out.append(logits.log_softmax(-1).gather(1, torch.tensor(r)[:, None])[:, 0])
+    return out
+
+
+def _grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prompts", "distinct-prompts"])
+def test_response_logprobs_and_gradients_match_one_row_at_a_time(model, shared, monkeypatch):
+    prompts, responses = _batch(shared)
+    calls = []
+    real = sequences._shared_prompts
+    monkeypatch.setattr(sequences, "_shared_prompts", lambda *a: calls.append(real(*a)) or calls[-1])
+    logp, ent, mask = response_logprobs(model, prompts, responses)
+    assert (calls[0] is not None) == shared  # the path under test is the one that ran
+    ref = _one_row_at_a_time(model, prompts, responses)
+    for b, want in enumerate(ref):
+        n = len(want)
+        assert mask[b, :n].all() and not mask[b, n:].any()
+        assert torch.allclose(logp[b, :n], want, atol=2e-5), b
+        assert (logp[b, n:] == 0).all() and (ent[b, n:] == 0).all()
+    # the gradients of a weighted sum: the n rows of a prompt add up in its (shared) activations
+    w = torch.linspace(0.5, 2.0, logp.numel()).view_as(logp)
+    got = _grads(model, (logp * w).sum())
+    want = _grads(model, sum((lp * w[b, : len(lp)]).sum() for b, lp in enumerate(ref)))
+    for a, b in zip(got, want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
+
+
+def test_entropy_is_that_of_the_tempered_distribution(model):
+    prompts, responses = _batch(True)
+    _, ent, _ = response_logprobs(model, prompts, responses, temperature=0.7)
+    p, r = prompts[4], responses[4]
+    logits = model(torch.tensor([p + r]))[0, len(p) - 1: len(p) + len(r) - 1] / 0.7
+    want = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    assert torch.allclose(ent[4, : len(r)], want, atol=2e-5)
