@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -63,6 +64,20 @@ def _compile(cc: list[str], src: Path, out: Path) -> str | None:
     return f"{cc[0]} failed on {src.name}: {err}"
 
 
+_INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"]+)"', re.M)
+
+
+def _source_bytes(src: Path, seen: set | None = None) -> bytes:
+    """The source with every local `#include "..."` file it pulls in, so a header edit rebuilds too."""
+    seen = set() if seen is None else seen
+    src = src.resolve()
+    if src in seen or not src.is_file():
+        return b""
+    seen.add(src)
+    text = src.read_bytes()
+    return text + b"".join(_source_bytes(src.parent / m.decode(), seen) for m in _INCLUDE.findall(text))
+
+
 def load(src: Path) -> ctypes.CDLL | None:
     """The library built from C source `src` (cached per process), or None when it cannot be built."""
     name = str(src)
@@ -75,7 +90,7 @@ def load(src: Path) -> ctypes.CDLL | None:
     elif not cc[0]:
         err = "no C compiler (cc/gcc) on PATH"
     else:
-        text = src.read_bytes()
+        text = _source_bytes(src)
         key = hashlib.sha256(b"\0".join([text, " ".join(FLAGS + cc).encode(),
                                          platform.machine().encode(), _cpu_id()])).hexdigest()[:16]
         out = cpmtool_home() / "kernels" / f"{src.stem}-{key}.so"

@@ -237,12 +237,29 @@ def dense_attention(q, k, v, *, positions, key_positions_valid=None, causal_no_c
     if causal_no_cache:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
     s = k.shape[2]
+    if q.shape[2] == 1 and key_positions_valid is not None and q.device.type == "cpu":
+        y = _decode_kernel(q, k, v, positions, key_positions_valid)  # None: not taken, SDPA below
+        if y is not None:
+            return y
     if cache is not None and s == cache.used and key_positions_valid is not None:
         mask = cache.attn_mask(positions)  # (B, 1, T, S), shared by the layers of this forward
     else:
         mask = slot_mask(s, positions, key_positions_valid)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
 
+
+def _decode_kernel(q, k, v, positions, valid):
+    # the C decode kernel (kernels/decode_attention), imported on the first CPU decode step
+    global _decode_attention
+    if _decode_attention is None:
+        try:
+            from cpmtool.kernels.decode_attention import decode_attention as _decode_attention
+        except ImportError:
+            _decode_attention = False
+    return _decode_attention(q, k, v, positions, valid) if _decode_attention else None
+
+
+_decode_attention = None
 
 AttentionFn = Callable[..., torch.Tensor]
 ATTENTION: dict[str, AttentionFn] = {"dense": dense_attention}

@@ -54,3 +54,16 @@ def test_cc_may_carry_flags_and_a_missing_one_is_a_clear_reason(tmp_path, monkey
     monkeypatch.setenv("CC", "/nonexistent/cc")
     assert cbuild.load(other) is None
     assert "/nonexistent/cc" in cbuild.build_error(other)
+
+
+def test_an_edited_header_rebuilds(tmp_path):
+    (tmp_path / "inc").mkdir()
+    hdr = tmp_path / "inc" / "k.h"
+    hdr.write_text("#define K 5\n")
+    src = tmp_path / "useh.c"
+    src.write_text('#include "inc/k.h"\nint k(void) { return K; }\n')
+    assert cbuild.load(src).k() == 5
+    hdr.write_text("#define K 6\n")
+    cbuild._loaded.clear()
+    assert cbuild.load(src).k() == 6  # the header is part of the cache key
+    assert len(list((tmp_path / "home" / "kernels").glob("useh-*.so"))) == 2
