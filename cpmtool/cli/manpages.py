@@ -24,10 +24,11 @@ ENVIRONMENT = [
     ("CPMTOOL_HOME", "Where converted models are cached (default `~/.cache/cpmtool`): `models pull` writes "
                      "there and `--model NAME` looks there. Nothing is downloaded from a hub at run time. "
                      "The CPU attention kernels are built into its `kernels/` on first use."),
-    ("CPMTOOL_CPU_KERNELS", "`0` turns off the C kernels of InfLLM v2 sparse attention on CPU (built on first "
-                            "use with the system C compiler, `cc` or `$CC`, for an x86 CPU with AVX2/FMA): the "
-                            "same attention then runs as torch ops, about 1.4x slower at 64k tokens. Without a "
-                            "compiler the torch path runs anyway, with one warning."),
+    ("CPMTOOL_CPU_KERNELS", "`0` turns off the C kernels for CPU attention, built on first use with the system "
+                            "C compiler (`cc` or `$CC`) for an x86 CPU with AVX2/FMA: InfLLM v2 sparse attention "
+                            "then runs as torch ops (about 1.4x slower at 64k tokens) and the decode step of dense "
+                            "attention through SDPA (6-8% slower decoding). Without a compiler the torch path "
+                            "runs anyway, with one warning."),
     ("CPMTOOL_PROGRESS", "`1` draws progress bars on stderr even when it is not a terminal, `0` never; unset: "
                          "only on a terminal. `cpmtool --progress/--no-progress` set it."),
 ]
