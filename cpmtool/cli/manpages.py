@@ -27,7 +27,7 @@ ENVIRONMENT = [
     ("CPMTOOL_CPU_KERNELS", "`0` turns off the C kernels for CPU attention, built on first use with the system "
                             "C compiler (`cc` or `$CC`) for an x86 CPU with AVX2/FMA: InfLLM v2 sparse attention "
                             "then runs as torch ops (about 1.4x slower at 64k tokens) and the decode step of dense "
-                            "attention through SDPA (6-8% slower decoding). Without a compiler the torch path "
+                            "attention through SDPA (4-9% slower decoding). Without a compiler the torch path "
                             "runs anyway, with one warning."),
     ("CPMTOOL_PROGRESS", "`1` draws progress bars on stderr even when it is not a terminal, `0` never; unset: "
                          "only on a terminal. `cpmtool --progress/--no-progress` set it."),

@@ -27,6 +27,16 @@
 
 int decode_attention_available(void) { return 1; }
 
+/* Eight dot-product accumulators (one per slot) to one vector of the eight sums: a transpose-add. */
+static inline __m256 hsum8(const __m256 *a) {
+    const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+    /* lanes: s0123 = (0 1 2 3 | 0 1 2 3) halves, s4567 likewise: add the 128-bit halves */
+    const __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20), hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+    return _mm256_add_ps(lo, hi);
+}
+
 static void one_head_group(const float *q, int64_t sqh, const float *kb, int64_t sks, const float *vb, int64_t svs,
                            const uint8_t *va, int64_t n, int G, int D, float c, float *out) {
     float qs[MAXG * MAXD] __attribute__((aligned(32)));
@@ -45,23 +55,27 @@ static void one_head_group(const float *q, int64_t sqh, const float *kb, int64_t
     for (int64_t s0 = 0; s0 < n; s0 += BLK) {
         const int nb = (int)(n - s0 < BLK ? n - s0 : BLK);
         const int nv = (nb + 7) & ~7;
-        int any = 0;
-        for (int t = 0; t < nv; t++) {
-            const int64_t s = s0 + t;
-            if (t >= nb || !va[s]) {
-                for (int g = 0; g < G; g++) sc[g * BLK + t] = -INFINITY;
-                continue;
-            }
-            any = 1;
-            const float *kr = kb + s * sks;
+        int nvalid = 0;
+        for (int t = 0; t < nb; t++) nvalid += va[s0 + t] != 0;
+        if (!nvalid) continue; /* every slot masked: the block adds nothing (and m may still be -inf) */
+        /* scores, eight slots at a time per head: eight independent FMA chains, then one transpose-add;
+           slots past the block's end read slot nb - 1 again and are masked below */
+        for (int t0 = 0; t0 < nv; t0 += 8) {
+            const float *kr[8];
+            for (int u = 0; u < 8; u++) kr[u] = kb + (s0 + (t0 + u < nb ? t0 + u : nb - 1)) * sks;
             for (int g = 0; g < G; g++) {
-                __m256 a = _mm256_setzero_ps();
-                for (int dv = 0; dv < DV; dv++)
-                    a = _mm256_fmadd_ps(_mm256_load_ps(qs + g * D + dv * 8), _mm256_loadu_ps(kr + dv * 8), a);
-                sc[g * BLK + t] = hsum(a);
+                __m256 a[8];
+                for (int u = 0; u < 8; u++) a[u] = _mm256_setzero_ps();
+                for (int dv = 0; dv < DV; dv++) {
+                    const __m256 qv = _mm256_load_ps(qs + g * D + dv * 8);
+                    for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr[u] + dv * 8), a[u]);
+                }
+                _mm256_store_ps(sc + g * BLK + t0, hsum8(a));
             }
+            for (int u = 0; u < 8; u++)
+                if (t0 + u >= nb || !va[s0 + t0 + u])
+                    for (int g = 0; g < G; g++) sc[g * BLK + t0 + u] = -INFINITY;
         }
-        if (!any) continue; /* every slot masked: the block adds nothing (and m may still be -inf) */
         for (int g = 0; g < G; g++) {
             float *p = sc + g * BLK;
             __m256 mx = _mm256_set1_ps(-INFINITY);
@@ -87,15 +101,26 @@ static void one_head_group(const float *q, int64_t sqh, const float *kb, int64_t
             }
             l[g] += hsum(sum);
         }
-        for (int t = 0; t < nb; t++) {
-            const int64_t s = s0 + t;
-            if (!va[s]) continue;
-            const float *vr = vb + s * svs;
-            for (int g = 0; g < G; g++) {
-                const __m256 w = _mm256_set1_ps(sc[g * BLK + t]);
-                float *a = acc + g * D;
-                for (int dv = 0; dv < DV; dv++)
-                    _mm256_store_ps(a + dv * 8, _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + dv * 8), _mm256_load_ps(a + dv * 8)));
+        /* weights times V: per 8 features, two chains over the block's slots in registers; a masked
+           slot is skipped rather than weighted 0, so whatever its V holds cannot reach the output */
+        for (int g = 0; g < G; g++) {
+            const float *p = sc + g * BLK;
+            for (int dv = 0; dv < DV; dv++) {
+                __m256 r0 = _mm256_setzero_ps(), r1 = _mm256_setzero_ps();
+                const float *vc = vb + s0 * svs + dv * 8;
+                if (nvalid == nb) {
+                    int t = 0;
+                    for (; t + 1 < nb; t += 2) {
+                        r0 = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(vc + t * svs), r0);
+                        r1 = _mm256_fmadd_ps(_mm256_set1_ps(p[t + 1]), _mm256_loadu_ps(vc + (t + 1) * svs), r1);
+                    }
+                    if (t < nb) r0 = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(vc + t * svs), r0);
+                } else {
+                    for (int t = 0; t < nb; t++)
+                        if (va[s0 + t]) r0 = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), _mm256_loadu_ps(vc + t * svs), r0);
+                }
+                float *a = acc + g * D + dv * 8;
+                _mm256_store_ps(a, _mm256_add_ps(_mm256_load_ps(a), _mm256_add_ps(r0, r1)));
             }
         }
     }
