@@ -65,7 +65,13 @@ def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]
 
     Returns (logp, entropy or None, mask), L = the longest response; mask is 1 on real response
     tokens. The logits are divided by `temperature` (the rollout's), as verl does.
+
+    On our Transformer (or a DDP wrapper of one) a prompt shared by several rows runs once
+    (`Transformer.response_logits`), otherwise rows run packed with the LM head on response
+    positions only; any other module gets the plain padded forward. All three give the same values.
     """
+    from cpmtool.model.transformer import Transformer
+
     dev = next(model.parameters()).device
     lens = [len(r) for r in responses]
     width = max(lens)
@@ -80,8 +86,12 @@ def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]
         # logits at position len(prompt) - 1 + l predict response token l
         start = torch.tensor([len(p) - 1 for p in prompts], device=dev)
         idx = (start[:, None] + torch.arange(width, device=dev)[None]).clamp(max=ids.shape[1] - 1)  # (B, L)
-        # the padding costs attention only, and the LM head runs on the response positions only
-        sel = model(ids, lengths=[len(r) for r in rows], select=idx)  # (B, L, V)
+        if isinstance(getattr(model, "module", model), Transformer):
+            # the padding costs attention only, and the LM head runs on the response positions only
+            sel = model(ids, lengths=[len(r) for r in rows], select=idx)  # (B, L, V)
+        else:
+            logits = model(ids)  # (B, T, V)
+            sel = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))  # (B, L, V)
     logp, ent = logprobs_and_entropy(sel, targets, temperature, with_entropy)
     zero = torch.zeros_like(logp)
     logp = torch.where(mask, logp, zero)

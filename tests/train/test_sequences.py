@@ -72,3 +72,20 @@ def test_entropy_is_that_of_the_tempered_distribution(model):
     logits = model(torch.tensor([p + r]))[0, len(p) - 1: len(p) + len(r) - 1] / 0.7
     want = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
     assert torch.allclose(ent[4, : len(r)], want, atol=2e-5)
+
+
+def test_any_other_module_gets_the_plain_forward(model):
+    # a module that is not our Transformer (here: a wrapper taking input ids only) is called with
+    # the padded ids alone, and the values are the same
+    class Plain(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids):
+            return self.inner(ids)
+
+    prompts, responses = _batch(True)
+    got, _, _ = response_logprobs(Plain(model), prompts, responses)
+    want, _, _ = response_logprobs(model, prompts, responses)
+    assert torch.allclose(got, want, atol=2e-5)
