@@ -1,4 +1,4 @@
-"""Decode attention against the KV cache on the CPU: `cpu.c`, built on first use by kernels/cbuild.py.
+"""Decode attention against the KV cache on the CPU: `cpu_decode.c`, built on first use by kernels/cbuild.py.
 
 `decode_attention(q, k, v, positions, valid)` is the engine's decode step (one query per row) in
 one C call, or None when the kernel does not take the tensors (not CPU fp32, autograd, a query
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-_SRC = Path(__file__).with_name("cpu.c")
+_SRC = Path(__file__).with_name("cpu_decode.c")
 _lib: list = []  # [library or None], resolved once
 
 
