@@ -54,7 +54,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     # torch.multinomial's own one-sample algorithm (argmax of p / q with q ~ Exp(1)), batched: only
     # the noise is drawn per row, from the row's generator, so the tokens are the ones a per-row
     # torch.multinomial(p, 1, generator=g) call gives, bit for bit, without its per-call checks
-    # (a third of a cpm-tiny rollout went to those)
+    # (a fifth of a cpm-tiny GRPO rollout went to those)
     noise = torch.empty_like(probs)
     shared = []
     for j, r in enumerate(rows.tolist()):
