@@ -116,12 +116,6 @@ def _trl(model: str, records: list[dict], out: Path, *, batch_size, n, max_token
     return row
 
 
-def _median(xs: list[float]) -> float:
-    import statistics
-
-    return statistics.median(xs)
-
-
 def _summary(runs: list[dict]) -> dict:
     """One trainer's rounds -> its row: the median round, with every round's samples/s kept."""
     row = dict(sorted(runs, key=lambda r: r["samples_per_s"] or 0.0)[len(runs) // 2])
@@ -149,6 +143,7 @@ def bench_train_rl(model: str = "cpm-tiny", *, prompts: str | None = None, compa
         MissingDependencyError: `trl` (or `datasets`) is not installed (pip install 'cpmtool[trl]').
     """
     import json
+    import statistics
 
     import torch
 
@@ -187,7 +182,7 @@ def bench_train_rl(model: str = "cpm-tiny", *, prompts: str | None = None, compa
     if compare == "trl":
         theirs = {**_summary(theirs_runs), **common}
         rows.append(theirs)
-        ratio = {"trainer": "ratio", "samples_per_s_ratio": round(_median(ratios), 2) if ratios else None, **common}
+        ratio = {"trainer": "ratio", "samples_per_s_ratio": round(statistics.median(ratios), 2) if ratios else None, **common}
         if len(ratios) > 1:
             ratio["rounds"] = len(ratios)
             ratio["ratio_runs"] = [round(x, 2) for x in ratios]

@@ -72,12 +72,13 @@ def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]
     """
     from cpmtool.model.transformer import Transformer
 
+    ours = isinstance(getattr(model, "module", model), Transformer)  # a DistributedDataParallel wrapper too
     dev = next(model.parameters()).device
     lens = [len(r) for r in responses]
     width = max(lens)
     mask = torch.arange(width, device=dev)[None] < torch.tensor(lens, device=dev)[:, None]  # (B, L)
     targets = pad_rows(responses, pad_id, dev)  # (B, L)
-    shared = _shared_prompts(model, prompts, responses, targets, pad_id)
+    shared = _shared_prompts(model, prompts, responses, targets, pad_id) if ours else None
     if shared is not None:
         sel = model(None, responses=shared)  # (B, L, V)
     else:
@@ -86,7 +87,7 @@ def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]
         # logits at position len(prompt) - 1 + l predict response token l
         start = torch.tensor([len(p) - 1 for p in prompts], device=dev)
         idx = (start[:, None] + torch.arange(width, device=dev)[None]).clamp(max=ids.shape[1] - 1)  # (B, L)
-        if isinstance(getattr(model, "module", model), Transformer):
+        if ours:
             # the padding costs attention only, and the LM head runs on the response positions only
             sel = model(ids, lengths=[len(r) for r in rows], select=idx)  # (B, L, V)
         else:
@@ -101,12 +102,11 @@ def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]
 
 
 def _shared_prompts(model, prompts, responses, targets, pad_id):
-    """The batch as a SharedPrompts when some prompt repeats (a GRPO group, a DPO pair) and the
-    model runs it (dense attention: the cache path of a sparse kernel has no backward)."""
-    from cpmtool.model.transformer import SharedPrompts, Transformer
+    """Our Transformer's batch as a SharedPrompts when some prompt repeats (a GRPO group, a DPO pair)
+    and the model runs it (dense attention: the cache path of a sparse kernel has no backward)."""
+    from cpmtool.model.transformer import SharedPrompts
 
-    inner = getattr(model, "module", model)  # DistributedDataParallel
-    if not isinstance(inner, Transformer) or inner.config.attention != "dense":
+    if getattr(model, "module", model).config.attention != "dense":
         return None
     rows: dict[tuple, int] = {}
     group = [rows.setdefault(tuple(p), len(rows)) for p in prompts]

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import shutil
-import subprocess
-
 import cpmtool.kernels.decode_attention as da
 import pytest
 import torch
@@ -98,10 +94,7 @@ def test_the_model_decodes_the_same_through_either_path(monkeypatch):
     assert torch.allclose(fast, decode(), atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
-def test_source_builds_a_stub_without_avx2(tmp_path):
-    so = tmp_path / "stub.so"
-    subprocess.run(["cc", "-O2", "-fPIC", "-shared", "-std=c11", "-o", str(so), str(da._SRC)], check=True)
-    lib = ctypes.CDLL(str(so))
+def test_source_builds_a_stub_without_avx2(stub_build):
+    lib = stub_build(da._SRC)
     assert lib.decode_attention_available() == 0
     assert lib.decode_attention(*[0] * 21) == 1

@@ -1,9 +1,6 @@
 """InfLLM v2: the plain-torch reference against the spec, and the CPU production path against the reference."""
 
-import ctypes
 import math
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -240,13 +237,10 @@ def test_fused_kernels_build_on_this_machine():
     assert cpu._fused_kernels() is not None, cbuild.build_error(cpu._FUSED_SRC)
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
-def test_fused_source_builds_stubs_without_avx2(tmp_path):
+def test_fused_source_builds_stubs_without_avx2(stub_build):
     # built for a CPU without AVX2/FMA (no -march=native) the library says so, and the Python side
     # then keeps the torch path
-    so = tmp_path / "stub.so"
-    subprocess.run(["cc", "-O2", "-fPIC", "-shared", "-std=c11", "-o", str(so), str(cpu._FUSED_SRC)], check=True)
-    lib = ctypes.CDLL(str(so))
+    lib = stub_build(cpu._FUSED_SRC)
     assert lib.infllmv2_available() == 0
     assert lib.infllmv2_pool_select(*[0] * 14) == 1
 
