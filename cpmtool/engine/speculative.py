@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from cpmtool.engine.native import Scheduler, TokenEvent, _Seq
-from cpmtool.engine.sampling import filter_logits
+from cpmtool.engine.sampling import categorical, filter_logits
 from cpmtool.errors import ConfigError, ModelError
 
 METHODS = ("ngram", "draft")
@@ -152,8 +152,8 @@ def accept_tokens(p: torch.Tensor, draft: Sequence[int], q: torch.Tensor | None 
         residual.clamp_(min=0.0)
         if float(residual.sum()) <= 0:  # p == q up to rounding: the residual is p itself
             residual = p[t].double()
-        return draft[:t] + [int(torch.multinomial(residual, 1, generator=generator))]
-    return draft + [int(torch.multinomial(p[n].double(), 1, generator=generator))]
+        return draft[:t] + [int(categorical(residual[None], [generator])[0])]
+    return draft + [int(categorical(p[n][None], [generator])[0])]
 
 
 def _index_of(ids: torch.Tensor, x: int) -> int:
@@ -256,8 +256,7 @@ class ModelDrafter:
             q = None
             if len(rows):
                 q = filter_logits(logits[rows], temp[rows], top_k, top_p, min_p).softmax(-1)  # (R, Vq)
-                for i, r in enumerate(rows.tolist()):
-                    idx[r] = torch.multinomial(q[i], 1, generator=gens[i])[0]
+                idx[rows] = categorical(q, gens)
             tok = self.head_ids[idx] if self.head_ids is not None else idx
             toks.append(tok)
             idxs.append(idx)

@@ -196,12 +196,15 @@ class SharedPrompts:
     """A batch of responses whose prompts repeat: G distinct prompts, B responses.
 
     prompt_ids (G, P) and response_ids (B, L) are right-padded (prompt_lens, response_lens real
-    tokens); group (B,) long is each response's prompt row.
+    tokens); group (B,) long is each response's prompt row; `keep`, when given, picks the (B, L)
+    positions whose logits are wanted (the real response tokens), flat.
     """
 
-    def __init__(self, prompt_ids, prompt_lens: list[int], response_ids, response_lens: list[int], group):
+    def __init__(self, prompt_ids, prompt_lens: list[int], response_ids, response_lens: list[int], group,
+                 keep=None):
         self.prompt_ids, self.prompt_lens = prompt_ids, prompt_lens
         self.response_ids, self.response_lens, self.group = response_ids, response_lens, group
+        self.keep = keep  # (N,) flat b * L + l of the positions to return logits at (None: all)
 
 
 class Packing:
@@ -414,24 +417,27 @@ class Transformer(nn.Module):
         return x if packing is None else packing.unpack(x)
 
     def forward(self, input_ids, positions=None, cache: KVCache | None = None, lengths: list[int] | None = None,
-                select: torch.Tensor | None = None, responses: SharedPrompts | None = None) -> torch.Tensor:
+                select: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                responses: SharedPrompts | None = None) -> torch.Tensor:
         """Logits (B, T, V). `positions` (B, T) default to 0..T-1; with `cache` they index its slots.
 
         Training passes `lengths` (right-padded rows: the padding costs attention only, see
         `hidden_states`) and `select` (B, L) positions: the logits are then (B, L, V), at those
-        positions only, so the prompt's positions never go through the LM head. With `responses`
-        (and `input_ids` None) it returns `response_logits(responses)`; this goes through forward
-        so that a DistributedDataParallel wrapper sees the call.
+        positions only, so the prompt's positions never go through the LM head; with `keep` (N,)
+        flat indices into those (B, L), the logits are (N, V) at them only (the padding skips it
+        too). With `responses` (and `input_ids` None) it returns `response_logits(responses)`; this
+        goes through forward so that a DistributedDataParallel wrapper sees the call.
         """
         if responses is not None:
             return self.response_logits(responses)
         h = self.hidden_states(input_ids, positions, cache, lengths=lengths)  # (B, T, hidden)
         if select is not None:
-            h = h.gather(1, select[..., None].expand(-1, -1, h.shape[-1]))  # (B, L, hidden)
+            return self._head_at(h.gather(1, select[..., None].expand(-1, -1, h.shape[-1])), keep)  # (B, L, hidden)
         return self.lm_head(h)
 
     def response_logits(self, batch: SharedPrompts) -> torch.Tensor:
-        """Logits (B, L, V) predicting every response token, each distinct prompt run once.
+        """Logits (B, L, V) predicting every response token (or (N, V) at `batch.keep`), each
+        distinct prompt run once.
 
         GRPO's n samples of a prompt (DPO's chosen and rejected) repeat the prompt: run per row,
         its tokens cost n times. Here the prompts run once (G rows) into a KV cache, which is fanned
@@ -451,13 +457,19 @@ class Transformer(nn.Module):
             cache.valid[i, n:] = False
         first = h[torch.arange(g, device=dev), plen - 1].index_select(0, batch.group)  # (B, hidden): token 0
         if width == 1:
-            return self.lm_head(first[:, None])
+            return self._head_at(first[:, None], batch.keep)
         cache.select_rows(batch.group)
         # response token j (j < L - 1) is fed at position len(prompt) + j and predicts token j + 1
         pos = plen.index_select(0, batch.group)[:, None] + torch.arange(width - 1, device=dev)  # (B, L - 1)
         lens = [max(n - 1, 0) for n in batch.response_lens]
         rest = self.hidden_states(batch.response_ids[:, :-1], pos, cache, lengths=lens)  # (B, L - 1, hidden)
-        return self.lm_head(torch.cat([first[:, None], rest], dim=1))
+        return self._head_at(torch.cat([first[:, None], rest], dim=1), batch.keep)
+
+    def _head_at(self, h: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        # h (B, L, hidden) -> logits (B, L, V), or (N, V) at the flat positions `keep`
+        if keep is not None:
+            h = h.reshape(-1, h.shape[-1]).index_select(0, keep)
+        return self.lm_head(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The LM head on a few rows of hidden states (B, hidden) -> (B, V), as in decoding.

@@ -27,6 +27,7 @@ from cpmtool.train.checkpoint import (
 )
 from cpmtool.train.config import DPOConfig, to_dict
 from cpmtool.train.distributed import close_distributed, init_distributed, wrap_ddp
+from cpmtool.train.optim import adamw
 from cpmtool.train.runlog import MetricsLog, plot_curves, read_metrics, write_run_json
 from cpmtool.train.sequences import eos_id, preference_example, response_logprobs
 
@@ -79,7 +80,7 @@ class DPORecipe:
             raise InputError(f"{cfg.data}: no usable preference records (rejected: {self.rejected or 'none'})")
         self.total = cfg.steps or cfg.epochs * math.ceil(len(self.pairs) / cfg.batch_size)
         self.ddp = wrap_ddp(self.model, self.dist)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = adamw(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         if ckpt is not None:
             st = load_state(ckpt)

@@ -49,6 +49,7 @@ from cpmtool.train.checkpoint import (
 )
 from cpmtool.train.config import RLConfig, to_dict
 from cpmtool.train.distributed import close_distributed, init_distributed, wrap_ddp
+from cpmtool.train.optim import adamw
 from cpmtool.train.runlog import MetricsLog, plot_curves, write_run_json
 from cpmtool.train.sequences import encode_query, eos_id, padded, prompt_query, response_logprobs
 
@@ -119,13 +120,12 @@ class RLRecipe:
         self.engine = NativeEngine(self.policy, self.tokenizer, max_batch=cfg.max_batch)
         self.policy.train()
         self.ddp = wrap_ddp(self.policy, self.dist)
-        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     betas=(0.9, 0.999))
+        self.opt = adamw(self.policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.prm = self.prm_ddp = self.prm_opt = None
         if cfg.algo == "prime":
             self.prm = copy.deepcopy(self.ref).requires_grad_(True).train()
             self.prm_ddp = wrap_ddp(self.prm, self.dist)
-            self.prm_opt = torch.optim.AdamW(self.prm.parameters(), lr=cfg.prime_lr, weight_decay=0.0)
+            self.prm_opt = adamw(self.prm.parameters(), lr=cfg.prime_lr, weight_decay=0.0)
         self.step = 0
         self.cursor = 0  # prompt draws so far
         self.inflight: list[list[Sample]] = []  # chunk-wise rollout: groups still being generated
@@ -433,7 +433,8 @@ class RLRecipe:
 
     def _logp(self, module, samples, with_entropy=True):
         return response_logprobs(module, [s.prompt_ids for s in samples], [s.tokens for s in samples],
-                                 temperature=self.cfg.temperature, with_entropy=with_entropy, pad_id=self.pad_id)
+                                 temperature=self.cfg.temperature, with_entropy=with_entropy,
+                                 entropy_grad=bool(self.cfg.entropy_coeff), pad_id=self.pad_id)
 
     def update(self, groups: list[list[Sample]]) -> dict:
         cfg = self.cfg

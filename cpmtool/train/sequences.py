@@ -60,11 +60,12 @@ def pad_rows(rows: list[list[int]], pad_id: int, device=None) -> torch.Tensor:
 
 
 def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], *, temperature: float = 1.0,
-                      with_entropy: bool = True, pad_id: int = 0):
+                      with_entropy: bool = True, entropy_grad: bool = False, pad_id: int = 0):
     """Log-probabilities (and entropies) of each response token given its prompt, (B, L) each.
 
     Returns (logp, entropy or None, mask), L = the longest response; mask is 1 on real response
-    tokens. The logits are divided by `temperature` (the rollout's), as verl does.
+    tokens. The logits are divided by `temperature` (the rollout's), as verl does. The entropy has
+    a gradient only with `entropy_grad` (see `logprobs_and_entropy`).
 
     On our Transformer (or a DDP wrapper of one) a prompt shared by several rows runs once
     (`Transformer.response_logits`), otherwise rows run packed with the LM head on response
@@ -78,22 +79,29 @@ def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]
     width = max(lens)
     mask = torch.arange(width, device=dev)[None] < torch.tensor(lens, device=dev)[:, None]  # (B, L)
     targets = pad_rows(responses, pad_id, dev)  # (B, L)
-    shared = _shared_prompts(model, prompts, responses, targets, pad_id) if ours else None
-    if shared is not None:
-        sel = model(None, responses=shared)  # (B, L, V)
-    else:
-        rows = [p + r for p, r in zip(prompts, responses, strict=True)]
-        ids = pad_rows(rows, pad_id, dev)  # (B, T)
-        # logits at position len(prompt) - 1 + l predict response token l
-        start = torch.tensor([len(p) - 1 for p in prompts], device=dev)
-        idx = (start[:, None] + torch.arange(width, device=dev)[None]).clamp(max=ids.shape[1] - 1)  # (B, L)
-        if ours:
-            # the padding costs attention only, and the LM head runs on the response positions only
-            sel = model(ids, lengths=[len(r) for r in rows], select=idx)  # (B, L, V)
+    if ours:
+        # logits at the real response tokens only, (N, V): the padding skips the LM head and the softmax
+        keep = mask.flatten().nonzero().flatten()  # (N,)
+        shared = _shared_prompts(model, prompts, responses, targets, pad_id, keep)
+        if shared is not None:
+            sel = model(None, responses=shared)
         else:
-            logits = model(ids)  # (B, T, V)
-            sel = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))  # (B, L, V)
-    logp, ent = logprobs_and_entropy(sel, targets, temperature, with_entropy)
+            rows = [p + r for p, r in zip(prompts, responses, strict=True)]
+            # the padding costs attention only, and the LM head runs on the response positions only
+            sel = model(pad_rows(rows, pad_id, dev), lengths=[len(r) for r in rows],
+                        select=_response_positions(prompts, width, dev, max(len(r) for r in rows)), keep=keep)
+        lp, en = logprobs_and_entropy(sel, targets.flatten().index_select(0, keep), temperature, with_entropy,
+                                      entropy_grad)  # (N,) each
+        flat = lp.new_zeros(mask.numel())
+        logp = flat.index_copy(0, keep, lp).view(mask.shape)
+        ent = flat.index_copy(0, keep, en).view(mask.shape) if en is not None else None
+        return logp, ent, mask.to(logp.dtype)
+    rows = [p + r for p, r in zip(prompts, responses, strict=True)]
+    ids = pad_rows(rows, pad_id, dev)  # (B, T)
+    logits = model(ids)  # (B, T, V)
+    idx = _response_positions(prompts, width, dev, ids.shape[1])
+    sel = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))  # (B, L, V)
+    logp, ent = logprobs_and_entropy(sel, targets, temperature, with_entropy, entropy_grad)
     zero = torch.zeros_like(logp)
     logp = torch.where(mask, logp, zero)
     if ent is not None:
@@ -101,7 +109,13 @@ def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]
     return logp, ent, mask.to(logp.dtype)
 
 
-def _shared_prompts(model, prompts, responses, targets, pad_id):
+def _response_positions(prompts: list[list[int]], width: int, dev, t: int) -> torch.Tensor:
+    # (B, L): the logits at position len(prompt) - 1 + l predict response token l
+    start = torch.tensor([len(p) - 1 for p in prompts], device=dev)
+    return (start[:, None] + torch.arange(width, device=dev)[None]).clamp(max=t - 1)
+
+
+def _shared_prompts(model, prompts, responses, targets, pad_id, keep=None):
     """Our Transformer's batch as a SharedPrompts when some prompt repeats (a GRPO group, a DPO pair)
     and the model runs it (dense attention: the cache path of a sparse kernel has no backward)."""
     from cpmtool.model.transformer import SharedPrompts
@@ -115,7 +129,7 @@ def _shared_prompts(model, prompts, responses, targets, pad_id):
     dev = targets.device
     uniq = [list(p) for p in rows]
     return SharedPrompts(pad_rows(uniq, pad_id, dev), [len(p) for p in uniq], targets,
-                         [len(r) for r in responses], torch.tensor(group, device=dev))
+                         [len(r) for r in responses], torch.tensor(group, device=dev), keep)
 
 
 def padded(values: list[list[float]], width: int | None = None) -> torch.Tensor:

@@ -30,6 +30,7 @@ from cpmtool.train.checkpoint import (
 )
 from cpmtool.train.config import SFTConfig, to_dict
 from cpmtool.train.distributed import close_distributed, init_distributed, wrap_ddp
+from cpmtool.train.optim import adamw
 from cpmtool.train.runlog import MetricsLog, plot_curves, read_metrics, write_run_json
 from cpmtool.train.sequences import eos_id, sft_example
 
@@ -142,7 +143,7 @@ class SFTRecipe:
         per_epoch = math.ceil(len(self.rows) / cfg.batch_size)
         self.total = cfg.steps or cfg.epochs * per_epoch
         self.ddp = wrap_ddp(self.model, self.dist)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = adamw(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         if ckpt is not None:
             st = load_state(ckpt)

@@ -25,12 +25,12 @@ def run(args, cwd, timeout=600, launcher=None):
 
 @pytest.fixture
 def setup_files(tmp_path, tiny_model_dir, arith_prompts):  # noqa: F811
-    (tmp_path / "has_one.py").write_text("def has_one(record, completion):\n    return '1' in completion\n")
+    (tmp_path / "even.py").write_text("def even_length(record, completion):\n    return len(completion) % 2 == 0\n")
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"""# cpmtool train-rl --config run.yaml --steps 2
 model: {tiny_model_dir}
 prompts: {arith_prompts[0]}
-reward: {tmp_path / 'has_one.py'}:has_one
+reward: {tmp_path / 'even.py'}:even_length
 steps: 1
 batch-size: 2
 n: 4

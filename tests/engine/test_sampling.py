@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from cpmtool.engine.sampling import filter_logits, sample, token_logprobs
+from cpmtool.engine.sampling import categorical, filter_logits, inverse_cdf, sample, token_logprobs
 
 
 def one(x):
@@ -76,21 +76,62 @@ def test_token_logprobs_are_raw_log_softmax():
     assert ids[0].tolist() == [2, 1] and abs(vals[0, 0].item() - (3 - z)) < 1e-6
 
 
-def test_batched_draws_are_per_row_multinomial_draws():
-    # each seeded row draws its noise from its own generator: the tokens are those of
-    # torch.multinomial(p, 1, generator=g) row by row, whatever the other rows are
+def test_batched_draws_do_not_depend_on_the_other_rows():
+    # each seeded row draws from its own generator: its token is the one it gets sampled alone,
+    # whatever the other rows are (greedy, unseeded, filtered)
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
     temp = torch.tensor([1.0, 0.0, 0.7, 1.0, 1.3, 1.0])
     top_k = torch.tensor([0, 0, 5, 0, 0, 0])
     top_p = torch.tensor([1.0, 1.0, 1.0, 0.8, 1.0, 1.0])
     min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.05, 0.0])
+    probs = filter_logits(logits, temp.clamp(min=1e-6), top_k, top_p, min_p).softmax(-1)
     for step in range(20):
         gens = [torch.Generator().manual_seed(step * 10 + i) for i in range(6)]
         gens[1] = gens[5] = None  # a greedy row and an unseeded one
         got = sample(logits, temp, top_k, top_p, min_p, gens)
-        probs = filter_logits(logits, temp.clamp(min=1e-6), top_k, top_p, min_p).softmax(-1)
         for i in (0, 2, 3, 4):
-            g = torch.Generator().manual_seed(step * 10 + i)
-            assert got[i].item() == torch.multinomial(probs[i], 1, generator=g).item(), (step, i)
+            alone = sample(logits[i:i + 1], temp[i:i + 1], top_k[i:i + 1], top_p[i:i + 1], min_p[i:i + 1],
+                           [torch.Generator().manual_seed(step * 10 + i)])
+            assert got[i].item() == alone.item(), (step, i)
+            assert probs[i, got[i]] > 0  # never a filtered token
         assert got[1].item() == logits[1].argmax().item()
         assert probs[5, got[5]] > 0
+
+
+def test_inverse_cdf_picks_the_interval_u_falls_in():
+    # p = (0, 0.5, 0, 0.25, 0.25, 0): cdf 0, .5, .5, .75, 1, 1
+    cdf = torch.tensor([[0.0, 0.5, 0.5, 0.75, 1.0, 1.0]], dtype=torch.float64)
+    pick = [inverse_cdf(cdf, torch.tensor([[u]], dtype=torch.float64)).item()
+            for u in (0.0, 0.25, 0.4999, 0.5, 0.74, 0.75, 0.9, 1 - 2**-53)]
+    assert pick == [1, 1, 1, 3, 3, 4, 4, 4]  # tokens 0, 2 and 5 (probability 0) never
+
+
+def test_inverse_cdf_top_edge_stays_on_the_last_nonzero_token():
+    # u * total can round up to total (u = 1 - 2^-53, total not a power of two): still token 1
+    cdf = torch.tensor([[0.3, 0.7, 0.7]], dtype=torch.float64)
+    assert inverse_cdf(cdf, torch.tensor([[1 - 2**-53]], dtype=torch.float64)).item() == 1
+
+
+def test_categorical_frequencies_match_the_probabilities():
+    p = torch.tensor([0.0, 0.5, 0.2, 0.0, 0.05, 0.25])
+    n = 20000
+    g = torch.Generator().manual_seed(1234)
+    counts = torch.zeros(6)
+    for _ in range(n // 100):  # 100 rows a call, all from one generator
+        counts += torch.bincount(categorical(p.repeat(100, 1) * 3.0, [g] * 100), minlength=6)  # unnormalised rows
+    assert counts[0] == 0 and counts[3] == 0
+    sd = (n * p * (1 - p)).sqrt()
+    assert ((counts - n * p).abs() <= 4 * sd + 1e-9).all(), counts / n
+    # and the global generator for rows without one
+    torch.manual_seed(7)
+    got = torch.bincount(categorical(p.repeat(n, 1), [None] * n), minlength=6)
+    assert got[0] == 0 and got[3] == 0 and ((got - n * p).abs() <= 4 * sd + 1e-9).all(), got / n
+
+
+def test_categorical_takes_one_uniform_per_row_from_its_generator():
+    # one uniform per row: a seeded row's generator advances by one float64 draw per token
+    g = torch.Generator().manual_seed(5)
+    categorical(torch.rand(3, 49152), [g, None, None])
+    ref = torch.Generator().manual_seed(5)
+    torch.rand(1, dtype=torch.float64, generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())

@@ -310,3 +310,67 @@ def test_logprobs_and_entropy_with_temperature():
     logp, ent = L.logprobs_and_entropy(logits[:, 1:], torch.tensor([[0]]), temperature=2.0)
     assert logp.item() == pytest.approx(math.log(2 / 5), rel=1e-6)
     assert ent.item() == pytest.approx(-(0.4 * math.log(0.4) + 3 * 0.2 * math.log(0.2)), rel=1e-6)
+
+
+def _reference_logp_entropy(logits, tokens, temperature):
+    # the formulas as a plain autograd graph: log softmax gathered, H = log Z - E_p[z]
+    z = logits.float() / temperature
+    logz = torch.logsumexp(z, -1)
+    return z.gather(-1, tokens[..., None])[..., 0] - logz, logz - (torch.softmax(z, -1) * z).sum(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("block", [1 << 22, 7 * 50])  # one block, and blocks of 7 rows with a ragged last one
+def test_blocked_token_logprobs_match_the_autograd_graph(monkeypatch, temperature, block):
+    monkeypatch.setattr(L, "_BLOCK", block)
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 11, 50, generator=gen) * 4).requires_grad_(True)
+    tokens = torch.randint(0, 50, (3, 11), generator=gen)
+    weights = torch.randn(3, 11, generator=gen)  # a per-token upstream gradient, as the PPO loss gives
+    logp, ent = L.logprobs_and_entropy(logits, tokens, temperature)
+    (logp * weights).sum().backward()
+    got = logits.grad.clone()
+    logits.grad = None
+    ref_logp, ref_ent = _reference_logp_entropy(logits, tokens, temperature)
+    (ref_logp * weights).sum().backward()
+    assert torch.allclose(logp, ref_logp, atol=1e-5) and torch.allclose(ent, ref_ent.detach(), atol=1e-5)
+    assert torch.allclose(got, logits.grad, atol=1e-6)
+    assert not ent.requires_grad  # a statistic unless asked for
+
+
+def test_token_logprob_gradient_by_hand():
+    # z = [ln 4, 0, 0, 0] at T = 1: p = [4/7, 1/7, 1/7, 1/7]; d logp(token 0) / dz = onehot - p
+    logits = torch.tensor([[[math.log(4.0), 0.0, 0.0, 0.0]]], requires_grad=True)
+    logp, _ = L.logprobs_and_entropy(logits, torch.tensor([[0]]), with_entropy=False)
+    assert logp.item() == pytest.approx(math.log(4 / 7), rel=1e-6)
+    logp.sum().backward()
+    assert torch.allclose(logits.grad[0, 0], torch.tensor([3 / 7, -1 / 7, -1 / 7, -1 / 7]), atol=1e-7)
+    # T = 2 scales it: (onehot - softmax(z / 2)) / 2, softmax([ln 2, 0, 0, 0]) = [2/5, 1/5, 1/5, 1/5]
+    logits.grad = None
+    logp, _ = L.logprobs_and_entropy(logits, torch.tensor([[0]]), temperature=2.0, with_entropy=False)
+    logp.sum().backward()
+    assert torch.allclose(logits.grad[0, 0], torch.tensor([0.3, -0.1, -0.1, -0.1]), atol=1e-7)
+
+
+def test_entropy_gradient_when_it_is_in_the_loss():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 9, generator=gen, requires_grad=True)
+    tokens = torch.randint(0, 9, (2, 5), generator=gen)
+    _, ent = L.logprobs_and_entropy(logits, tokens, 0.8, entropy_grad=True)
+    ent.sum().backward()
+    got = logits.grad.clone()
+    logits.grad = None
+    _reference_logp_entropy(logits, tokens, 0.8)[1].sum().backward()
+    assert torch.allclose(got, logits.grad, atol=1e-6)
+
+
+def test_blocked_token_logprobs_in_bf16():
+    gen = torch.Generator().manual_seed(2)
+    logits = (torch.randn(4, 6, 33, generator=gen) * 3).bfloat16().requires_grad_(True)
+    tokens = torch.randint(0, 33, (4, 6), generator=gen)
+    logp, ent = L.logprobs_and_entropy(logits, tokens, 1.0)
+    assert logp.dtype == torch.float32
+    logp.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    ref_logp, ref_ent = _reference_logp_entropy(logits.detach().float().requires_grad_(True), tokens, 1.0)
+    assert torch.allclose(logp, ref_logp, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)

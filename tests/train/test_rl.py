@@ -1,8 +1,10 @@
 """The RL loop end to end on a tiny random MiniCPM: every algorithm, checkpoints, resume, chunks.
 
-A random model never solves arithmetic, so these runs reward "the response contains the digit 1"
-(a user reward function, `--reward file.py:function`): about half the samples get it, so groups
-have mixed outcomes and every algorithm gets a gradient.
+A random model never solves arithmetic, so these runs reward "the response has an even number of
+characters" (a user reward function, `--reward file.py:function`): about half the samples get it,
+so groups have mixed outcomes and every algorithm gets a gradient. (A reward on one token, such as
+"contains the digit 1", hits a near-uniform policy over 320 tokens in ~4% of 12-token samples:
+whether a step gets a gradient is then down to the seed.)
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ TIMING = {"rollout_s", "update_s", "step_time", "gen_tokens_per_s", "train_token
 
 @pytest.fixture(scope="module")
 def reward_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("reward") / "has_one.py"
-    p.write_text("def has_one(record, completion):\n    return '1' in completion\n")
-    return f"{p}:has_one"
+    p = tmp_path_factory.mktemp("reward") / "even.py"
+    p.write_text("def even_length(record, completion):\n    return len(completion) % 2 == 0\n")
+    return f"{p}:even_length"
 
 
 @pytest.fixture
