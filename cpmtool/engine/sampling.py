@@ -75,7 +75,7 @@ def categorical(probs: torch.Tensor, generators: list[torch.Generator | None]) -
     if own:
         u[[j for j, _ in own]] = torch.tensor([[torch.rand(1, dtype=torch.float64, generator=g).item()]
                                                for _, g in own], dtype=torch.float64)
-    return inverse_cdf(cdf, u)
+    return inverse_cdf(cdf, u.to(cdf.device))  # the uniforms come from CPU generators
 
 
 def inverse_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
