@@ -251,8 +251,9 @@ def train_rl_cmd(
 ):
     """GRPO throughput: our trainer vs TRL's GRPOTrainer on the same model, batch, group size, lengths, steps.
 
-    Prints one JSON row per trainer (samples/s, completion tokens/s; the median of --repeat rounds)
-    and the median per-round ratio; needs `pip install 'cpmtool[trl]'` for --compare trl.
+    Prints one JSON row per trainer (samples/s, completion tokens/s; the median of --repeat rounds;
+    ours also splits a step into rollout_s_per_step and update_s_per_step) and the median per-round
+    ratio; needs `pip install 'cpmtool[trl]'` for --compare trl.
 
     Example: cpmtool bench train-rl --compare trl --model cpm-tiny --batch-size 8 --n 8 --max-tokens 64 --threads 2
     """
@@ -264,8 +265,11 @@ def train_rl_cmd(
         if r["trainer"] == "ratio":
             print(f"  ours / {compare}: samples/s x{r['samples_per_s_ratio']}", file=sys.stderr, flush=True)
         else:
+            split = ""
+            if "rollout_s_per_step" in r:
+                split = f"  (a step: rollout {r['rollout_s_per_step']:.2f} s, update {r['update_s_per_step']:.2f} s)"
             print(f"  {r['trainer']:8s} {r['samples_per_s']:8.2f} samples/s  {r['steps']} steps  "
-                  f"{r['seconds']:.1f} s", file=sys.stderr, flush=True)
+                  f"{r['seconds']:.1f} s{split}", file=sys.stderr, flush=True)
         sys.stdout.write(orjson.dumps(r).decode() + "\n")
 
     bench_train_rl(model, prompts=prompts, compare=compare or None, batch_size=batch_size, n=n,

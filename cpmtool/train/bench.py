@@ -45,9 +45,11 @@ def _ours(model: str, prompts_file: Path, out: Path, *, batch_size, n, max_token
     secs = sum(r["step_time"] for r in rows)
     samples = sum(r["groups_kept"] * n for r in rows)
     toks = sum(r["gen_tokens"] for r in rows)
+    # where a step's time goes: the rollout (generation and reward) and the update
+    split = {f"{k}_per_step": round(sum(r[k] for r in rows) / len(rows), 3) for k in ("rollout_s", "update_s")}
     return {"trainer": "cpmtool", "steps": len(rows), "samples": samples, "seconds": round(secs, 3),
             "samples_per_s": round(samples / secs, 3), "completion_tokens_per_s": round(toks / secs, 1),
-            "mean_completion_tokens": round(toks / max(samples, 1), 1)}
+            "mean_completion_tokens": round(toks / max(samples, 1), 1), **split}
 
 
 def _trl(model: str, records: list[dict], out: Path, *, batch_size, n, max_tokens, steps, warmup, lr, seed) -> dict:
@@ -131,8 +133,9 @@ def bench_train_rl(model: str = "cpm-tiny", *, prompts: str | None = None, compa
                    progress=None) -> list[dict]:
     """Time the same GRPO configuration in our trainer and (with `compare="trl"`) in TRL.
 
-    Returns one row per trainer (samples/s, seconds, steps, completion tokens/s) and, with a
-    comparison, a row with the ratio ours / theirs. With `repeat` R > 1 the two trainers run in
+    Returns one row per trainer (samples/s, seconds, steps, completion tokens/s; ours also the mean
+    rollout and update seconds per step) and, with a comparison, a row with the ratio ours /
+    theirs. With `repeat` R > 1 the two trainers run in
     turn R times (same seed, so the same work each round); a trainer's row is its median round and
     the ratio is the median of the R per-round ratios, so a slow spell of a shared machine lands
     on both sides of one round instead of on one trainer. `on_row(row)` sees each final row;

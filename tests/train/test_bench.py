@@ -16,6 +16,9 @@ def test_bench_ours_alone(tiny_model_dir, arith_prompts):
     assert len(rows) == 1 and rows[0]["trainer"] == "cpmtool"
     r = rows[0]
     assert r["steps"] == 2 and r["samples"] == 16 and r["samples_per_s"] > 0 and r["n"] == 4
+    # the step's split adds up to the step: 2 steps of rollout + update in `seconds`
+    assert r["rollout_s_per_step"] > 0 and r["update_s_per_step"] > 0
+    assert abs(2 * (r["rollout_s_per_step"] + r["update_s_per_step"]) - r["seconds"]) < 0.01
     # three rounds: the row is the median one, and every round's figure is kept
     assert r["rounds"] == 3 and sorted(r["samples_per_s_runs"])[1] == r["samples_per_s"]
     assert [s.split(":")[0] for s in seen] == ["round 1/3", "round 2/3", "round 3/3"]
