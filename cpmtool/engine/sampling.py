@@ -67,14 +67,10 @@ def categorical(probs: torch.Tensor, generators: list[torch.Generator | None]) -
     shares the batch, as vLLM's per-request generators do.
     """
     cdf = probs.double().cumsum(-1)  # (R, V)
-    u = torch.empty(len(probs), 1, dtype=torch.float64)
-    shared = [j for j, g in enumerate(generators) if g is None]
-    if shared:
-        u[shared] = torch.rand(len(shared), 1, dtype=torch.float64)
-    own = [(j, g) for j, g in enumerate(generators) if g is not None]
-    if own:
-        u[[j for j, _ in own]] = torch.tensor([[torch.rand(1, dtype=torch.float64, generator=g).item()]
-                                               for _, g in own], dtype=torch.float64)
+    # rows without a generator share one batched draw from the global one
+    shared = iter(torch.rand(sum(g is None for g in generators), dtype=torch.float64).tolist())
+    u = torch.tensor([[next(shared) if g is None else torch.rand(1, dtype=torch.float64, generator=g).item()]
+                      for g in generators], dtype=torch.float64)  # (R, 1)
     return inverse_cdf(cdf, u.to(cdf.device))  # the uniforms come from CPU generators
 
 

@@ -432,7 +432,8 @@ class Transformer(nn.Module):
             return self.response_logits(responses)
         h = self.hidden_states(input_ids, positions, cache, lengths=lengths)  # (B, T, hidden)
         if select is not None:
-            return self._head_at(h.gather(1, select[..., None].expand(-1, -1, h.shape[-1])), keep)  # (B, L, hidden)
+            h = h.gather(1, select[..., None].expand(-1, -1, h.shape[-1]))  # (B, L, hidden)
+            return self._head_at(h, keep)
         return self.lm_head(h)
 
     def response_logits(self, batch: SharedPrompts) -> torch.Tensor:

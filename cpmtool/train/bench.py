@@ -135,10 +135,10 @@ def bench_train_rl(model: str = "cpm-tiny", *, prompts: str | None = None, compa
 
     Returns one row per trainer (samples/s, seconds, steps, completion tokens/s; ours also the mean
     rollout and update seconds per step) and, with a comparison, a row with the ratio ours /
-    theirs. With `repeat` R > 1 the two trainers run in
-    turn R times (same seed, so the same work each round); a trainer's row is its median round and
-    the ratio is the median of the R per-round ratios, so a slow spell of a shared machine lands
-    on both sides of one round instead of on one trainer. `on_row(row)` sees each final row;
+    theirs. With `repeat` R > 1 the two trainers run in turn R times (same seed, so the same work
+    each round); a trainer's row is its median round and the ratio is the median of the R
+    per-round ratios, so a slow spell of a shared machine lands on both sides of one round instead
+    of on one trainer. `on_row(row)` sees each final row;
     `progress(text)` each round's figures.
 
     Raises:

@@ -79,6 +79,7 @@ def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]
     width = max(lens)
     mask = torch.arange(width, device=dev)[None] < torch.tensor(lens, device=dev)[:, None]  # (B, L)
     targets = pad_rows(responses, pad_id, dev)  # (B, L)
+    rows = [p + r for p, r in zip(prompts, responses, strict=True)]
     if ours:
         # logits at the real response tokens only, (N, V): the padding skips the LM head and the softmax
         keep = mask.flatten().nonzero().flatten()  # (N,)
@@ -86,17 +87,16 @@ def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]
         if shared is not None:
             sel = model(None, responses=shared)
         else:
-            rows = [p + r for p, r in zip(prompts, responses, strict=True)]
+            ids = pad_rows(rows, pad_id, dev)  # (B, T)
             # the padding costs attention only, and the LM head runs on the response positions only
-            sel = model(pad_rows(rows, pad_id, dev), lengths=[len(r) for r in rows],
-                        select=_response_positions(prompts, width, dev, max(len(r) for r in rows)), keep=keep)
+            sel = model(ids, lengths=[len(r) for r in rows], select=_response_positions(prompts, width, dev, ids.shape[1]),
+                        keep=keep)
         lp, en = logprobs_and_entropy(sel, targets.flatten().index_select(0, keep), temperature, with_entropy,
                                       entropy_grad)  # (N,) each
         flat = lp.new_zeros(mask.numel())
         logp = flat.index_copy(0, keep, lp).view(mask.shape)
         ent = flat.index_copy(0, keep, en).view(mask.shape) if en is not None else None
         return logp, ent, mask.to(logp.dtype)
-    rows = [p + r for p, r in zip(prompts, responses, strict=True)]
     ids = pad_rows(rows, pad_id, dev)  # (B, T)
     logits = model(ids)  # (B, T, V)
     idx = _response_positions(prompts, width, dev, ids.shape[1])
