@@ -28,6 +28,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _c_kernels(x, self.weight):  # one C pass forward and one backward (kernels/pointwise)
+            return _pointwise.rms_norm(x, self.weight, self.eps)
         # normalise in fp32 like HF so bf16 runs match the reference
         dtype = x.dtype
         x = x.float()
@@ -126,15 +128,20 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Store k, v (B, Hkv, T, D) at `positions` (B, T); return the cached (B, Hkv, used, D) views."""
         if layer == 0:
-            self.used = max(self.used, int(positions.max()) + 1)
-            if self.used > self.max_len:
-                raise ValueError(f"KV cache overflow: position {self.used - 1} >= max_len {self.max_len}")
-            self.valid.scatter_(1, positions, True)
-            self._mask = None
+            self.claim(positions)
         idx = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         self.k[layer].scatter_(2, idx, k)
         self.v[layer].scatter_(2, idx, v)
         return self.k[layer][:, :, : self.used], self.v[layer][:, :, : self.used]
+
+    def claim(self, positions: torch.Tensor) -> None:
+        """Mark the slots at `positions` (B, T) written and raise the high-water mark: a forward's
+        bookkeeping, done once (at layer 0) before its layers write their K/V there."""
+        self.used = max(self.used, int(positions.max()) + 1)
+        if self.used > self.max_len:
+            raise ValueError(f"KV cache overflow: position {self.used - 1} >= max_len {self.max_len}")
+        self.valid.scatter_(1, positions, True)
+        self._mask = None
 
     def attn_mask(self, positions: torch.Tensor) -> torch.Tensor:
         """(B, 1, T, used) bool: query t of row b sees slot s iff s <= positions[b, t] and s is valid.
@@ -315,8 +322,12 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv, d)
         if self.config.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if _c_kernels(q, k, cos):  # the rotary in C, on the tokens-major layout (kernels/pointwise)
+            q, k = _pointwise.rope(q, cos, sin), _pointwise.rope(k, cos, sin)
+            q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
+        else:
+            q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, D)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         valid = None
         if cache is not None:
             k, v = cache.write(self.layer, k, v, positions)  # (B, Hkv, S, D)
@@ -353,6 +364,31 @@ class Block(nn.Module):
         x = x + (a if self.residual_scale == 1.0 else a * self.residual_scale)
         m = self.mlp(self.post_attention_layernorm(x))
         return x + (m if self.residual_scale == 1.0 else m * self.residual_scale)
+
+
+def _linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # a plain nn.Linear without its module call (~5 us a call, 28 calls a decode step on cpm-tiny)
+    return F.linear(x, m.weight, m.bias) if type(m) is nn.Linear else m(x)
+
+
+_pointwise = None  # kernels/pointwise once resolved; False: unavailable
+
+
+def _c_kernels(*ts: torch.Tensor) -> bool:
+    # whether these tensors take kernels/pointwise: fp32 on the CPU, the library built
+    if _pointwise is None:
+        _load_pointwise()
+    return bool(_pointwise) and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+
+
+def _load_pointwise() -> None:
+    global _pointwise
+    try:
+        from cpmtool.kernels import pointwise
+
+        _pointwise = pointwise if pointwise.kernel() is not None else False
+    except ImportError:
+        _pointwise = False
 
 
 class _Body(nn.Module):
@@ -401,6 +437,8 @@ class Transformer(nn.Module):
         b, t = input_ids.shape
         if positions is None:
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        if t == 1 and cache is not None and self._c_decode(input_ids, cache):
+            return self._decode_step(input_ids, positions, cache)
         packing = None
         if lengths is not None and sum(lengths) < b * t:
             packing = Packing(lengths, b, t, input_ids.device)
@@ -415,6 +453,49 @@ class Transformer(nn.Module):
         if self.config.logit_divisor != 1.0:
             x = x / self.config.logit_divisor
         return x if packing is None else packing.unpack(x)
+
+    def _c_decode(self, input_ids, cache: KVCache) -> bool:
+        """Whether a decode step can take `_decode_step`: fp32 on the CPU, no autograd, dense attention
+        without per-attention cache state or q/k norms, and the C kernels built."""
+        if (input_ids.device.type != "cpu" or torch.is_grad_enabled() or self.config.attention != "dense"
+                or self.config.qk_norm or cache.extra or cache.k[0].dtype != torch.float32
+                or self.model.norm.weight.dtype != torch.float32):
+            return False
+        return _c_kernels()
+
+    def _decode_step(self, input_ids, positions, cache: KVCache) -> torch.Tensor:
+        """`hidden_states` of one token per row, (B, 1, hidden), with every op between the matmuls in
+        C (kernels/pointwise): on a small model a decode step is mostly per-op overhead, and this
+        runs ~11 calls a layer where the torch path runs ~40. Same values up to float rounding (the
+        norm's summation order, silu's exp); the tests hold it to the torch path."""
+        ks = _pointwise
+        cfg = self.config
+        b = input_ids.shape[0]
+        x = self.model.embed_tokens(input_ids.reshape(b))  # (B, hidden), a new tensor: updated in place below
+        if cfg.scale_emb != 1.0:
+            x = x * cfg.scale_emb
+        cos, sin = rope_tables(self.inv_freq, positions, x.dtype)  # (B, 1, 1, D) each
+        cache.claim(positions)
+        used = cache.used
+        valid = cache.valid[:, :used]
+        rs = cfg.residual_scale
+        a = None  # the last sublayer's output, added to x by the next norm
+        for i, block in enumerate(self.model.layers):
+            att, mlp = block.self_attn, block.mlp
+            norm = block.input_layernorm
+            h = ks.add_rmsnorm(x, a, rs, norm.weight, norm.eps)  # (B, hidden)
+            q = ks.rope_write(_linear(att.q_proj, h), _linear(att.k_proj, h), _linear(att.v_proj, h), cos, sin,
+                              cache.k[i], cache.v[i], positions, att.n_heads)  # (B, H, 1, D)
+            y = att.attn_fn(q, cache.k[i][:, :, :used], cache.v[i][:, :, :used], positions=positions,
+                            key_positions_valid=valid, layer=i, cache=cache, config=cfg)  # (B, H, 1, D)
+            a = _linear(att.o_proj, y.reshape(b, -1))
+            norm = block.post_attention_layernorm
+            h = ks.add_rmsnorm(x, a, rs, norm.weight, norm.eps)
+            a = _linear(mlp.down_proj, ks.silu_mul(_linear(mlp.gate_proj, h), _linear(mlp.up_proj, h)))
+        h = ks.add_rmsnorm(x, a, rs, self.model.norm.weight, self.model.norm.eps)
+        if cfg.logit_divisor != 1.0:
+            h = h / cfg.logit_divisor
+        return h[:, None]
 
     def forward(self, input_ids, positions=None, cache: KVCache | None = None, lengths: list[int] | None = None,
                 select: torch.Tensor | None = None, keep: torch.Tensor | None = None,

@@ -1,0 +1,185 @@
+/* Pointwise kernels for the CPU: the ops between the matmuls of a decode step and of training.
+
+   Decode. A decode step of a small model is mostly per-operation overhead: on cpm-tiny (4 layers,
+   hidden 256) a batch of 64 rows took ~16 ms a step, of which the matmuls were ~7 ms and the ~150
+   ATen calls of the norms, rotary, cache writes and SwiGLU around them ~6 ms (each op ~5-40 us on
+   tensors of a few KB). Here each of those runs as one pass over the rows:
+   - add_rmsnorm: the residual add (x += a * rs) and the next RMSNorm, h = w * (x * rsqrt(mean(x^2) + eps));
+   - rope_write: the rotary of q and k (HF rotate-half, with the sign folded into the sin table as
+     transformer.rope_tables does) and the K/V write into the cache at each row's position;
+   - silu_mul: SwiGLU's silu(gate) * up.
+
+   Training. Autograd runs RMSNorm as ~6 ATen ops forward and ~10 backward and rotary as 4 and 4,
+   each a pass over an N x hidden tensor (a GRPO update of cpm-tiny: ~3000 x 256); here each is one
+   pass forward and one backward (rmsnorm_fwd/bwd, rope_fwd with its transpose as the backward):
+   fwd + bwd 2.5 vs 4.4 ms and 2.8 vs 5.2 ms there. SwiGLU stays in ATen: silu * up streams three
+   9 MB tensors, memory-bound either way (a C pass measured the same).
+
+   The matmuls stay in ATen (MKL), the decode attention is kernels/decode_attention. Each kernel
+   keeps the torch path's order of operations (separate multiplies and adds: -std=c11 turns off FMA
+   contraction), so results differ from it only by the reduction order of the norm's sums and
+   silu's exp (a polynomial exp2, simd.h): float rounding. Single-threaded: the ATen matmuls around
+   them use torch's OpenMP pool, and a second pool (this library's libgomp) spinning beside it on
+   the same cores costs more than these memory-bound passes gain. Built without AVX2/FMA,
+   pointwise_available() is 0 and the callers keep the torch path. */
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include "../simd.h"
+
+int pointwise_available(void) { return 1; }
+
+/* x (B, N) at row stride sx, updated in place with x += a * rs when a is not NULL (rs == 1: a plain
+   add, as the torch path skips the multiply); h (B, N) at row stride sh = w * (x * rsqrt(mean(x^2) + eps)). */
+void add_rmsnorm(float *x, int64_t sx, const float *a, int64_t sa, float rs, const float *w, float eps, float *h,
+                 int64_t sh, int B, int N) {
+    for (int b = 0; b < B; b++) {
+        float *xr = x + b * sx;
+        if (a) {
+            const float *ar = a + b * sa;
+            if (rs == 1.0f)
+                for (int i = 0; i < N; i++) xr[i] = xr[i] + ar[i];
+            else
+                for (int i = 0; i < N; i++) xr[i] = xr[i] + ar[i] * rs;
+        }
+        __m256 acc = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= N; i += 8) {
+            const __m256 v = _mm256_loadu_ps(xr + i);
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+        }
+        float ss = hsum(acc);
+        for (; i < N; i++) ss += xr[i] * xr[i];
+        const float r = 1.0f / sqrtf(ss / (float)N + eps);
+        float *hr = h + b * sh;
+        for (i = 0; i < N; i++) hr[i] = w[i] * (xr[i] * r);
+    }
+}
+
+/* One head's rotary: out[i] = x[i] * cos[i] + x[(i + D/2) % D] * ssin[i] (ssin: sin with the first
+   half negated), the torch path's `x * cos + x.roll(D/2) * signed_sin`. */
+static inline void rotate(const float *x, const float *c, const float *s, float *out, int D) {
+    const int half = D / 2;
+    for (int i = 0; i < half; i++) out[i] = x[i] * c[i] + x[i + half] * s[i];
+    for (int i = half; i < D; i++) out[i] = x[i] * c[i] + x[i - half] * s[i];
+}
+
+/* q (B, H*D), k and v (B, Hkv*D) at row strides sq, sk, sv: the projections of one token per row.
+   cos, ssin (B, D) contiguous. The rotated q goes to qout (B, H, D) contiguous; the rotated k and
+   the plain v go to the cache slot pos[b] of row b: kc + b*skb + j*skh + pos[b]*sks (vc likewise,
+   the same strides). Returns 2 for a position outside [0, S) (nothing written past it). */
+int rope_write(const float *q, int64_t sq, const float *k, int64_t sk, const float *v, int64_t sv, const float *cos,
+               const float *ssin, float *kc, float *vc, int64_t skb, int64_t skh, int64_t sks, int S,
+               const int64_t *pos, float *qout, int B, int H, int Hkv, int D) {
+    for (int b = 0; b < B; b++)
+        if (pos[b] < 0 || pos[b] >= S) return 2;
+    for (int b = 0; b < B; b++) {
+        const float *c = cos + (int64_t)b * D, *s = ssin + (int64_t)b * D;
+        for (int h = 0; h < H; h++) rotate(q + b * sq + (int64_t)h * D, c, s, qout + ((int64_t)b * H + h) * D, D);
+        for (int j = 0; j < Hkv; j++) {
+            const int64_t slot = b * skb + j * skh + pos[b] * sks;
+            rotate(k + b * sk + (int64_t)j * D, c, s, kc + slot, D);
+            const float *vr = v + b * sv + (int64_t)j * D;
+            for (int i = 0; i < D; i++) vc[slot + i] = vr[i];
+        }
+    }
+    return 0;
+}
+
+/* out (B, I) contiguous = silu(g) * u, silu(g) = g / (1 + e^-g); g, u at row strides sg, su. */
+void silu_mul(const float *g, int64_t sg, const float *u, int64_t su, float *out, int B, int I) {
+    const __m256 one = _mm256_set1_ps(1.0f), nl2e = _mm256_set1_ps(-1.4426950408889634f);
+    for (int b = 0; b < B; b++) {
+        const float *gr = g + b * sg, *ur = u + b * su;
+        float *o = out + (int64_t)b * I;
+        int i = 0;
+        for (; i + 8 <= I; i += 8) {
+            const __m256 x = _mm256_loadu_ps(gr + i);
+            const __m256 sig = _mm256_div_ps(x, _mm256_add_ps(one, exp2_ps(_mm256_mul_ps(x, nl2e))));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(sig, _mm256_loadu_ps(ur + i)));
+        }
+        for (; i < I; i++) o[i] = gr[i] / (1.0f + expf(-gr[i])) * ur[i];
+    }
+}
+
+/* y (B, N) = w * (x * r), r[b] = 1 / sqrt(mean(x[b]^2) + eps) (saved for the backward); contiguous rows. */
+void rmsnorm_fwd(const float *x, const float *w, float eps, float *y, float *r, int64_t B, int N) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *xr = x + b * N;
+        __m256 acc = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= N; i += 8) {
+            const __m256 v = _mm256_loadu_ps(xr + i);
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+        }
+        float ss = hsum(acc);
+        for (; i < N; i++) ss += xr[i] * xr[i];
+        const float rb = 1.0f / sqrtf(ss / (float)N + eps);
+        r[b] = rb;
+        float *yr = y + b * N;
+        for (i = 0; i < N; i++) yr[i] = w[i] * (xr[i] * rb);
+    }
+}
+
+/* The RMSNorm backward, per row with g = gy * w: dx = r * g - x * r^3 * mean(g * x); dw (N,) = the
+   sum over rows of gy * x * r, accumulated in float64 across rows (overwritten, not added to). */
+void rmsnorm_bwd(const float *x, const float *w, const float *r, const float *gy, float *dx, float *dw, double *acc,
+                 int64_t B, int N) {
+    for (int i = 0; i < N; i++) acc[i] = 0.0;
+    for (int64_t b = 0; b < B; b++) {
+        const float *xr = x + b * N, *gr = gy + b * N;
+        const float rb = r[b];
+        float dot = 0.0f;
+        for (int i = 0; i < N; i++) dot += gr[i] * w[i] * xr[i];
+        const float c = rb * rb * rb * (dot / (float)N);
+        float *d = dx + b * N;
+        for (int i = 0; i < N; i++) {
+            d[i] = rb * (gr[i] * w[i]) - xr[i] * c;
+            acc[i] += (double)(gr[i] * (xr[i] * rb));
+        }
+    }
+    for (int i = 0; i < N; i++) dw[i] = (float)acc[i];
+}
+
+/* Rotary on x (R, H, D) contiguous, token r using row r of the tables cos, ssin (R, D) (R = B * T):
+   y = x * cos + roll(x, D/2) * ssin. With `transpose` it applies the transpose (the backward): rotary is
+   linear, y_i = x_i c_i + x_s(i) s_i with s(i) = (i + D/2) mod D its own inverse, so
+   dx_k = gy_k c_k + gy_s(k) s_s(k). */
+void rope_fwd(const float *x, const float *cos, const float *ssin, float *y, int64_t R, int H, int D, int transpose) {
+    const int half = D / 2;
+    for (int64_t r = 0; r < R; r++) {
+        const float *c = cos + r * D, *s = ssin + r * D;
+        for (int h = 0; h < H; h++) {
+            const float *xr = x + (r * H + h) * D;
+            float *yr = y + (r * H + h) * D;
+            if (!transpose) {
+                rotate(xr, c, s, yr, D);
+            } else {
+                for (int i = 0; i < half; i++) yr[i] = xr[i] * c[i] + xr[i + half] * s[i + half];
+                for (int i = half; i < D; i++) yr[i] = xr[i] * c[i] + xr[i - half] * s[i - half];
+            }
+        }
+    }
+}
+
+#else
+
+int pointwise_available(void) { return 0; } /* no AVX2/FMA: the caller keeps the torch path */
+
+void add_rmsnorm(float *x, int64_t sx, const float *a, int64_t sa, float rs, const float *w, float eps, float *h,
+                 int64_t sh, int B, int N) {}
+int rope_write(const float *q, int64_t sq, const float *k, int64_t sk, const float *v, int64_t sv, const float *cos,
+               const float *ssin, float *kc, float *vc, int64_t skb, int64_t skh, int64_t sks, int S,
+               const int64_t *pos, float *qout, int B, int H, int Hkv, int D) {
+    return 1;
+}
+void silu_mul(const float *g, int64_t sg, const float *u, int64_t su, float *out, int B, int I) {}
+
+void rmsnorm_fwd(const float *x, const float *w, float eps, float *y, float *r, int64_t B, int N) {}
+void rmsnorm_bwd(const float *x, const float *w, const float *r, const float *gy, float *dx, float *dw, double *acc,
+                 int64_t B, int N) {}
+void rope_fwd(const float *x, const float *cos, const float *ssin, float *y, int64_t R, int H, int D, int transpose) {}
+
+#endif
