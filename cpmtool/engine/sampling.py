@@ -45,6 +45,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     """Next tokens (B,) long. Each row draws from its own generator, so a seeded request gives the
     same tokens whatever else shares its batch (`categorical`)."""
     greedy = temperature <= 0
+    if not bool(greedy.any()):  # all rows sample (a rollout): no argmax, no row selection
+        x = filter_logits(logits, temperature, top_k, top_p, min_p)
+        return categorical(x.softmax(-1), generators)
     out = logits.argmax(-1)
     if bool(greedy.all()):
         return out
