@@ -13,8 +13,8 @@ Training and prefill, autograd Functions with a one-pass backward each:
   silu * up is memory-bound, and a C pass measured no faster.)
 
 `kernel()` is None when the library cannot be used (no compiler, no AVX2/FMA,
-`CPMTOOL_CPU_KERNELS=0`); `usable(*tensors)` says whether tensors can take the C path (fp32 CPU
-and the library built); callers keep the torch path otherwise.
+`CPMTOOL_CPU_KERNELS=0`); the callers (`transformer._c_kernels`) then keep the torch path, as they
+do for anything but fp32 CPU tensors.
 """
 
 from __future__ import annotations
@@ -51,11 +51,6 @@ def kernel():
             lib = None
         _lib.append(lib)
     return _lib[0]
-
-
-def usable(*ts: torch.Tensor) -> bool:
-    """Whether these tensors can take the C kernels: fp32 on the CPU, and the library built."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts) and kernel() is not None
 
 
 def _rows(*ts: torch.Tensor) -> None:
