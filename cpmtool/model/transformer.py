@@ -214,6 +214,45 @@ class SharedPrompts:
         self.keep = keep  # (N,) flat b * L + l of the positions to return logits at (None: all)
 
 
+class _Recorder:
+    """`response_logits`' prompt pass: plain causal attention (no cache, so no scatter into one),
+    each layer's rotated K and V (G, Hkv, P, D) kept for the responses."""
+
+    valid = None
+
+    def __init__(self):
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        self.k.append(k)
+        self.v.append(v)
+        return k, v
+
+
+class _Prefix:
+    """`response_logits`' response pass: a layer's keys and values are the fanned-out prompt's
+    (B, Hkv, P, D) followed by the responses' own, concatenated. A KV cache written by position
+    costs a scatter forward and a scatter plus a gather backward, on every layer; a concatenation's
+    backward is two slices. Slots: prompt token i at slot i (valid below the prompt's length),
+    response token j at slot P + j, so `positions` are slots here (the slot mask of
+    `dense_attention` then holds) and the rotary takes the token positions separately."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], valid: torch.Tensor, t: int):
+        self.k, self.v = k, v  # per layer, (B, Hkv, P, D)
+        self.valid = torch.cat([valid, valid.new_ones(valid.shape[0], t)], dim=1)  # (B, P + T)
+        self.used = self.valid.shape[1]
+        self._mask = None
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        return torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)  # (B, Hkv, P + T, D)
+
+    def attn_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        if self._mask is None:  # the same for every layer
+            self._mask = slot_mask(self.used, positions, self.valid)
+        return self._mask
+
+
 class Packing:
     """Right-padded rows (B, T) with `lengths` real tokens, stored packed as (N, F) rows.
 
@@ -331,8 +370,10 @@ class Attention(nn.Module):
         valid = None
         if cache is not None:
             k, v = cache.write(self.layer, k, v, positions)  # (B, Hkv, S, D)
-            valid = cache.valid[:, : k.shape[2]]
-        y = self.attn_fn(q, k, v, positions=positions, key_positions_valid=valid, causal_no_cache=cache is None,
+            valid = cache.valid[:, : k.shape[2]] if cache.valid is not None else None
+        # a _Recorder only keeps the K/V: the attention is the plain causal one
+        causal = cache is None or cache.valid is None
+        y = self.attn_fn(q, k, v, positions=positions, key_positions_valid=valid, causal_no_cache=causal,
                          layer=self.layer, cache=cache, config=self.config)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * d)
         return self.o_proj(y if packing is None else packing.pack(y))
@@ -428,11 +469,12 @@ class Transformer(nn.Module):
         return KVCache(self.config, batch_size, max_len, dtype or p.dtype, device or p.device)
 
     def hidden_states(self, input_ids, positions=None, cache: KVCache | None = None,
-                      lengths: list[int] | None = None) -> torch.Tensor:
+                      lengths: list[int] | None = None, rope_positions=None) -> torch.Tensor:
         """Final normed hidden states (B, T, hidden), already divided by the μP logit divisor.
 
         `lengths`: rows are right-padded and row b holds lengths[b] real tokens; the padding then
         costs attention only (the rest runs on the real tokens packed) and its hidden states are 0.
+        `rope_positions` (B, T), when the rotary positions are not `positions` (`_Prefix` slots).
         """
         b, t = input_ids.shape
         if positions is None:
@@ -446,7 +488,7 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, hidden) or (N, hidden)
         if self.config.scale_emb != 1.0:
             x = x * self.config.scale_emb
-        cos, sin = rope_tables(self.inv_freq, positions, x.dtype)
+        cos, sin = rope_tables(self.inv_freq, positions if rope_positions is None else rope_positions, x.dtype)
         for block in self.model.layers:
             x = block(x, cos, sin, positions, cache, packing)
         x = self.model.norm(x)
@@ -457,7 +499,8 @@ class Transformer(nn.Module):
     def _c_decode(self, input_ids, cache: KVCache) -> bool:
         """Whether a decode step can take `_decode_step`: fp32 on the CPU, no autograd, dense attention
         without per-attention cache state or q/k norms, and the C kernels built."""
-        if (input_ids.device.type != "cpu" or torch.is_grad_enabled() or self.config.attention != "dense"
+        if (type(cache) is not KVCache or input_ids.device.type != "cpu" or torch.is_grad_enabled()
+                or self.config.attention != "dense"
                 or self.config.qk_norm or cache.extra or cache.k[0].dtype != torch.float32
                 or self.model.norm.weight.dtype != torch.float32):
             return False
@@ -522,29 +565,31 @@ class Transformer(nn.Module):
         distinct prompt run once.
 
         GRPO's n samples of a prompt (DPO's chosen and rejected) repeat the prompt: run per row,
-        its tokens cost n times. Here the prompts run once (G rows) into a KV cache, which is fanned
-        out to the B responses (index_select, whose backward sums the n rows' gradients), and the
-        responses run after them as a second chunk, as a prefill and a decode chunk do in the
-        engine. Logits and gradients are those of the B full rows; only the summation order differs.
+        its tokens cost n times. Here the prompts run once (G rows, plain causal attention), their
+        per-layer K/V are fanned out to the B responses (index_select, whose backward sums the n
+        rows' gradients), and the responses run after them as a second chunk attending to those
+        K/V and their own (`_Prefix`), as a prefill and a decode chunk do in the engine. Logits and
+        gradients are those of the B full rows; only the summation order differs.
         """
         g, p = batch.prompt_ids.shape
         b, width = batch.response_ids.shape
         dev = batch.prompt_ids.device
-        cache = self.new_cache(g, p + width)
-        h = self.hidden_states(batch.prompt_ids, None, cache, lengths=batch.prompt_lens)  # (G, P, hidden)
+        rec = _Recorder()
+        h = self.hidden_states(batch.prompt_ids, None, rec, lengths=batch.prompt_lens)  # (G, P, hidden)
         plen = torch.tensor(batch.prompt_lens, device=dev)
-        # the padding's slots: a response's own tokens overwrite those its queries could see (attention
-        # is by position), so this only keeps `valid` honest
-        for i, n in enumerate(batch.prompt_lens):
-            cache.valid[i, n:] = False
         first = h[torch.arange(g, device=dev), plen - 1].index_select(0, batch.group)  # (B, hidden): token 0
         if width == 1:
             return self._head_at(first[:, None], batch.keep)
-        cache.select_rows(batch.group)
-        # response token j (j < L - 1) is fed at position len(prompt) + j and predicts token j + 1
-        pos = plen.index_select(0, batch.group)[:, None] + torch.arange(width - 1, device=dev)  # (B, L - 1)
+        valid = (torch.arange(p, device=dev)[None] < plen[:, None]).index_select(0, batch.group)  # (B, P)
+        prefix = _Prefix([k.index_select(0, batch.group) for k in rec.k],
+                         [v.index_select(0, batch.group) for v in rec.v], valid, width - 1)
+        # response token j (j < L - 1) sits at slot P + j, at position len(prompt) + j, and predicts token j + 1
+        steps = torch.arange(width - 1, device=dev)
+        slots = (p + steps).expand(b, width - 1)  # (B, L - 1)
+        pos = plen.index_select(0, batch.group)[:, None] + steps  # (B, L - 1)
         lens = [max(n - 1, 0) for n in batch.response_lens]
-        rest = self.hidden_states(batch.response_ids[:, :-1], pos, cache, lengths=lens)  # (B, L - 1, hidden)
+        rest = self.hidden_states(batch.response_ids[:, :-1], slots, prefix, lengths=lens,
+                                  rope_positions=pos)  # (B, L - 1, hidden)
         return self._head_at(torch.cat([first[:, None], rest], dim=1), batch.keep)
 
     def _head_at(self, h: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

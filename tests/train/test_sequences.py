@@ -65,6 +65,18 @@ def test_response_logprobs_and_gradients_match_one_row_at_a_time(model, shared, 
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
 
 
+def test_two_token_responses_without_autograd(model):
+    # one response token fed per row: without autograd the response pass takes the CPU decode
+    # kernels, which read the prompt's K/V by slot (prompt token i at slot i, the response at slot P)
+    prompts, responses = _batch(True)
+    responses = [r[:1] + [7] for r in responses]
+    with torch.no_grad():
+        logp, _, _ = response_logprobs(model, prompts, responses)
+        ref = _one_row_at_a_time(model, prompts, responses)
+    for b, want in enumerate(ref):
+        assert torch.allclose(logp[b], want, atol=2e-5), b
+
+
 def test_entropy_is_that_of_the_tempered_distribution(model):
     prompts, responses = _batch(True)
     _, ent, _ = response_logprobs(model, prompts, responses, temperature=0.7)
