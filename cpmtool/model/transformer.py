@@ -500,9 +500,8 @@ class Transformer(nn.Module):
         """Whether a decode step can take `_decode_step`: fp32 on the CPU, no autograd, dense attention
         without per-attention cache state or q/k norms, and the C kernels built."""
         if (type(cache) is not KVCache or input_ids.device.type != "cpu" or torch.is_grad_enabled()
-                or self.config.attention != "dense"
-                or self.config.qk_norm or cache.extra or cache.k[0].dtype != torch.float32
-                or self.model.norm.weight.dtype != torch.float32):
+                or self.config.attention != "dense" or self.config.qk_norm or cache.extra
+                or cache.k[0].dtype != torch.float32 or self.model.norm.weight.dtype != torch.float32):
             return False
         return _c_kernels()
 

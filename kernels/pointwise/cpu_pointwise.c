@@ -31,6 +31,21 @@
 
 int pointwise_available(void) { return 1; }
 
+/* One row's RMSNorm: y = w * (x * r), r = 1 / sqrt(mean(x^2) + eps); returns r. */
+static inline float norm_row(const float *x, const float *w, float eps, float *y, int N) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= N; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+    }
+    float ss = hsum(acc);
+    for (; i < N; i++) ss += x[i] * x[i];
+    const float r = 1.0f / sqrtf(ss / (float)N + eps);
+    for (i = 0; i < N; i++) y[i] = w[i] * (x[i] * r);
+    return r;
+}
+
 /* x (B, N) at row stride sx, updated in place with x += a * rs when a is not NULL (rs == 1: a plain
    add, as the torch path skips the multiply); h (B, N) at row stride sh = w * (x * rsqrt(mean(x^2) + eps)). */
 void add_rmsnorm(float *x, int64_t sx, const float *a, int64_t sa, float rs, const float *w, float eps, float *h,
@@ -44,17 +59,7 @@ void add_rmsnorm(float *x, int64_t sx, const float *a, int64_t sa, float rs, con
             else
                 for (int i = 0; i < N; i++) xr[i] = xr[i] + ar[i] * rs;
         }
-        __m256 acc = _mm256_setzero_ps();
-        int i = 0;
-        for (; i + 8 <= N; i += 8) {
-            const __m256 v = _mm256_loadu_ps(xr + i);
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
-        }
-        float ss = hsum(acc);
-        for (; i < N; i++) ss += xr[i] * xr[i];
-        const float r = 1.0f / sqrtf(ss / (float)N + eps);
-        float *hr = h + b * sh;
-        for (i = 0; i < N; i++) hr[i] = w[i] * (xr[i] * r);
+        norm_row(xr, w, eps, h + b * sh, N);
     }
 }
 
@@ -106,21 +111,7 @@ void silu_mul(const float *g, int64_t sg, const float *u, int64_t su, float *out
 
 /* y (B, N) = w * (x * r), r[b] = 1 / sqrt(mean(x[b]^2) + eps) (saved for the backward); contiguous rows. */
 void rmsnorm_fwd(const float *x, const float *w, float eps, float *y, float *r, int64_t B, int N) {
-    for (int64_t b = 0; b < B; b++) {
-        const float *xr = x + b * N;
-        __m256 acc = _mm256_setzero_ps();
-        int i = 0;
-        for (; i + 8 <= N; i += 8) {
-            const __m256 v = _mm256_loadu_ps(xr + i);
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
-        }
-        float ss = hsum(acc);
-        for (; i < N; i++) ss += xr[i] * xr[i];
-        const float rb = 1.0f / sqrtf(ss / (float)N + eps);
-        r[b] = rb;
-        float *yr = y + b * N;
-        for (i = 0; i < N; i++) yr[i] = w[i] * (xr[i] * rb);
-    }
+    for (int64_t b = 0; b < B; b++) r[b] = norm_row(x + b * N, w, eps, y + b * N, N);
 }
 
 /* The RMSNorm backward, per row with g = gy * w: dx = r * g - x * r^3 * mean(g * x); dw (N,) = the
