@@ -2,13 +2,18 @@
 
 Both sides train the same checkpoint (a MiniCPM is exported to its exact Llama equivalent for
 transformers/TRL) on the same prompts with the same group size, prompts per step, completion
-length, learning rate, temperature and number of steps, one process, the same torch thread count,
-fp32, no gradient checkpointing, no KL. Each step is rollout + reward + one policy update. The first
+length, learning rate, temperature and number of steps, the same torch thread count, fp32, no
+gradient checkpointing, no KL. Each step is rollout + reward + one policy update. The first
 `warmup` steps are not timed. Throughput = trained samples (completions) per second of step time.
+
+Each trainer runs in its own worker process, started once (spawn) and kept for all rounds. What
+one trainer leaves in its process (our trainer's glibc malloc thresholds, `train.cpu_heap`; heap
+and thread-pool state) is then not inherited by the other. Each side runs as a user would run it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -118,6 +123,21 @@ def _trl(model: str, records: list[dict], out: Path, *, batch_size, n, max_token
     return row
 
 
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _worker(threads: int):
+    """A one-process pool for one trainer's rounds, at the parent's torch thread count."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_set_threads,
+                               initargs=(threads,))
+
+
 def _summary(runs: list[dict]) -> dict:
     """One trainer's rounds -> its row: the median round, with every round's samples/s kept."""
     row = dict(sorted(runs, key=lambda r: r["samples_per_s"] or 0.0)[len(runs) // 2])
@@ -138,8 +158,8 @@ def bench_train_rl(model: str = "cpm-tiny", *, prompts: str | None = None, compa
     theirs. With `repeat` R > 1 the two trainers run in turn R times (same seed, so the same work
     each round); a trainer's row is its median round and the ratio is the median of the R
     per-round ratios, so a slow spell of a shared machine lands on both sides of one round instead
-    of on one trainer. `on_row(row)` sees each final row;
-    `progress(text)` each round's figures.
+    of on one trainer. Each trainer runs in its own worker process (see the module's docstring).
+    `on_row(row)` sees each final row; `progress(text)` each round's figures.
 
     Raises:
         ConfigError: bad sizes or an unknown comparison.
@@ -164,18 +184,21 @@ def bench_train_rl(model: str = "cpm-tiny", *, prompts: str | None = None, compa
     ours_runs: list[dict] = []
     theirs_runs: list[dict] = []
     ratios: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="cpmtool-bench-rl-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cpmtool-bench-rl-") as tmp, contextlib.ExitStack() as stack:
         tmp = Path(tmp)
         pfile = tmp / "prompts.jsonl"
         pfile.write_text("".join(json.dumps(r) + "\n" for r in records))
+        ours_w = stack.enter_context(_worker(common["threads"]))
+        trl_w = stack.enter_context(_worker(common["threads"])) if compare == "trl" else None
         for rnd in range(repeat):
-            ours_runs.append(_ours(model, pfile, tmp / f"ours{rnd}", batch_size=batch_size, n=n,
-                                   max_tokens=max_tokens, steps=steps, warmup=warmup, lr=lr, threads=threads,
-                                   seed=seed))
+            ours_runs.append(ours_w.submit(
+                _ours, model, pfile, tmp / f"ours{rnd}", batch_size=batch_size, n=n, max_tokens=max_tokens,
+                steps=steps, warmup=warmup, lr=lr, threads=threads, seed=seed).result())
             line = f"round {rnd + 1}/{repeat}: cpmtool {ours_runs[-1]['samples_per_s']:.2f} samples/s"
-            if compare == "trl":
-                theirs_runs.append(_trl(model, records, tmp / f"trl{rnd}", batch_size=batch_size, n=n,
-                                        max_tokens=max_tokens, steps=steps, warmup=warmup, lr=lr, seed=seed))
+            if trl_w is not None:
+                theirs_runs.append(trl_w.submit(
+                    _trl, model, records, tmp / f"trl{rnd}", batch_size=batch_size, n=n, max_tokens=max_tokens,
+                    steps=steps, warmup=warmup, lr=lr, seed=seed).result())
                 if theirs_runs[-1].get("samples_per_s"):
                     ratios.append(ours_runs[-1]["samples_per_s"] / theirs_runs[-1]["samples_per_s"])
                     line += f", trl {theirs_runs[-1]['samples_per_s']:.2f} samples/s, x{ratios[-1]:.2f}"

@@ -48,6 +48,7 @@ from cpmtool.train.checkpoint import (
     set_rng_states,
 )
 from cpmtool.train.config import RLConfig, to_dict
+from cpmtool.train.cpu_heap import keep_freed_memory
 from cpmtool.train.distributed import close_distributed, init_distributed, wrap_ddp
 from cpmtool.train.optim import adamw
 from cpmtool.train.runlog import MetricsLog, plot_curves, write_run_json
@@ -93,6 +94,8 @@ class RLRecipe:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        # activations reused step after step instead of page-faulted in afresh (cpu_heap)
+        self.malloc = keep_freed_memory() if cfg.device == "cpu" else "untouched"
         self.dist = init_distributed(cfg.device)
         self.out = Path(cfg.out)
         if self.dist.main:
@@ -142,8 +145,9 @@ class RLRecipe:
         self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if ckpt else None,
                                   enabled=self.dist.main)
         if self.dist.main:
-            write_run_json(self.out, to_dict(cfg), world_size=self.dist.world, prompts_loaded=len(self.records),
-                           prompts_rejected=self.rejected, resumed_from=str(ckpt) if ckpt else None,
+            write_run_json(self.out, to_dict(cfg), world_size=self.dist.world, malloc=self.malloc,
+                           prompts_loaded=len(self.records), prompts_rejected=self.rejected,
+                           resumed_from=str(ckpt) if ckpt else None,
                            params=self.policy.num_parameters())
 
     def _load_prompts(self, path: str, need_answer: bool) -> tuple[list[dict], dict]:

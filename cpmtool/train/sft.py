@@ -29,6 +29,7 @@ from cpmtool.train.checkpoint import (
     set_rng_states,
 )
 from cpmtool.train.config import SFTConfig, to_dict
+from cpmtool.train.cpu_heap import keep_freed_memory
 from cpmtool.train.distributed import close_distributed, init_distributed, wrap_ddp
 from cpmtool.train.optim import adamw
 from cpmtool.train.runlog import MetricsLog, plot_curves, read_metrics, write_run_json
@@ -111,6 +112,8 @@ class SFTRecipe:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        # activations reused step after step instead of page-faulted in afresh (cpu_heap)
+        self.malloc = keep_freed_memory() if cfg.device == "cpu" else "untouched"
         self.dist = init_distributed(cfg.device)
         self.out = Path(cfg.out)
         if self.dist.main:
@@ -153,8 +156,9 @@ class SFTRecipe:
         self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if ckpt else None,
                                   enabled=self.dist.main)
         if self.dist.main:
-            write_run_json(self.out, to_dict(cfg), world_size=self.dist.world, examples=len(self.examples),
-                           rows=len(self.rows), rejected=self.rejected, steps_total=self.total,
+            write_run_json(self.out, to_dict(cfg), world_size=self.dist.world, malloc=self.malloc,
+                           examples=len(self.examples), rows=len(self.rows), rejected=self.rejected,
+                           steps_total=self.total,
                            resumed_from=str(ckpt) if ckpt else None)
 
     # hooks a recipe built on this one (quantize-ternary's QAT) overrides

@@ -33,7 +33,7 @@ def test_bench_rejects_unknown_comparison():
 
 
 @pytest.mark.slow
-def test_bench_against_trl(tiny_model_dir, arith_prompts, capsys):
+def test_bench_against_trl(tiny_model_dir, arith_prompts, capfd):
     pytest.importorskip("trl")
     from cpmtool.train.bench import bench_train_rl
 
@@ -45,5 +45,6 @@ def test_bench_against_trl(tiny_model_dir, arith_prompts, capsys):
     per_round = [a / b for a, b in zip(rows[0]["samples_per_s_runs"], rows[1]["samples_per_s_runs"], strict=True)]
     assert rows[2]["ratio_runs"] == [round(x, 2) for x in per_round]
     assert rows[2]["samples_per_s_ratio"] == pytest.approx(sorted(per_round)[1], abs=0.006)
-    assert capsys.readouterr().out == ""  # TRL's log printer is removed: stdout stays for data
+    # TRL runs in a worker process that shares our stdout: its log printer is removed, stdout stays for data
+    assert capfd.readouterr().out == ""
     json.dumps(rows)
