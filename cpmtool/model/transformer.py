@@ -388,7 +388,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        if _c_kernels(g, u):  # one C pass forward and one backward, silu(g) not kept (kernels/pointwise)
+            return self.down_proj(_pointwise.swiglu(g, u))
+        return self.down_proj(F.silu(g) * u)
 
 
 class Block(nn.Module):

@@ -8,9 +8,9 @@ The decode step (`Transformer._decode_step`: one token per row, with a cache, no
   (`transformer.rotate`), k and v stored at each row's slot, the rotated q (B, H, 1, D) returned;
 - `silu_mul(gate, up)`: silu(gate) * up.
 
-Training and prefill, autograd Functions with a one-pass backward each:
-- `rms_norm(x, weight, eps)`, `rope(x, cos, signed_sin)`. (SwiGLU stays in ATen there: its
-  silu * up is memory-bound, and a C pass measured no faster.)
+Training and prefill, autograd Functions with a one-pass backward each, split over the OpenMP
+threads (torch's thread count) on large inputs:
+- `rms_norm(x, weight, eps)`, `rope(x, cos, signed_sin)`, `swiglu(gate, up)`.
 
 `kernel()` is None when the library cannot be used (no compiler, no AVX2/FMA,
 `CPMTOOL_CPU_KERNELS=0`); the callers (`transformer._c_kernels`) then keep the torch path, as they
@@ -43,9 +43,11 @@ def kernel():
             lib.silu_mul.argtypes = [p, i64, p, i64, p, i32, i32]
             lib.silu_mul.restype = None
             lib.rmsnorm_fwd.argtypes = [p, p, f32, p, p, i64, i32]
-            lib.rmsnorm_bwd.argtypes = [p, p, p, p, p, p, p, i64, i32]
+            lib.rmsnorm_bwd.argtypes = [p, p, p, p, p, p, p, i64, i32, i32]
             lib.rope_fwd.argtypes = [p, p, p, p, i64, i32, i32, i32]
-            for f in (lib.rmsnorm_fwd, lib.rmsnorm_bwd, lib.rope_fwd):
+            lib.swiglu_fwd.argtypes = [p, p, p, i64]
+            lib.swiglu_bwd.argtypes = [p, p, p, p, p, i64]
+            for f in (lib.rmsnorm_fwd, lib.rmsnorm_bwd, lib.rope_fwd, lib.swiglu_fwd, lib.swiglu_bwd):
                 f.restype = None
         else:
             lib = None
@@ -123,9 +125,11 @@ class _RMSNorm(torch.autograd.Function):
         n = x2.shape[1]
         gy = gy.reshape(-1, n).contiguous()
         dx, dw = torch.empty_like(x2), torch.empty(n)
-        acc = torch.empty(n, dtype=torch.float64)
+        # one float64 partial sum of dw per thread (few rows: one); see rmsnorm_bwd
+        t = torch.get_num_threads() if x2.numel() >= 1 << 16 else 1
+        acc = torch.empty(t, n, dtype=torch.float64)
         kernel().rmsnorm_bwd(x2.data_ptr(), w.data_ptr(), r.data_ptr(), gy.data_ptr(), dx.data_ptr(), dw.data_ptr(),
-                             acc.data_ptr(), x2.shape[0], n)
+                             acc.data_ptr(), x2.shape[0], n, t)
         return dx.view(ctx.shape), dw, None
 
 
@@ -148,6 +152,30 @@ class _Rope(torch.autograd.Function):
         dx = torch.empty_like(gy)
         kernel().rope_fwd(gy.data_ptr(), c.data_ptr(), s.data_ptr(), dx.data_ptr(), b * t, h, d, 1)
         return dx, None, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, u):
+        g, u = g.contiguous(), u.contiguous()
+        h = torch.empty_like(g)
+        kernel().swiglu_fwd(g.data_ptr(), u.data_ptr(), h.data_ptr(), g.numel())
+        ctx.save_for_backward(g, u)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        g, u = ctx.saved_tensors
+        dh = dh.contiguous()
+        dg, du = torch.empty_like(g), torch.empty_like(u)
+        kernel().swiglu_bwd(g.data_ptr(), u.data_ptr(), dh.data_ptr(), dg.data_ptr(), du.data_ptr(), g.numel())
+        return dg, du
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, any shape (the two the same), with a one-pass backward. It saves gate and up
+    only: autograd's silu and mul also keep silu(gate)."""
+    return _SwiGLU.apply(gate, up)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -211,6 +211,57 @@ def test_rms_norm_gradient_by_hand():
     assert torch.allclose(w.grad, torch.tensor([3 * r, 0.0]), atol=1e-7)
 
 
+def test_rms_norm_backward_on_two_threads_matches_one():
+    # the threaded backward: dx row by row exactly; dw from two float64 partial sums, to rounding
+    _kernel_or_skip()
+    g = _gen(8)
+    x0, w0 = torch.randn(3032, 256, generator=g), torch.rand(256, generator=g) + 0.5
+    gy = torch.randn(3032, 256, generator=g)
+    threads = torch.get_num_threads()
+    got = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            ks.rms_norm(x, w, 1e-5).backward(gy)
+            got.append((x.grad, w.grad))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[0][0], got[1][0])
+    assert torch.allclose(got[0][1], got[1][1], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(3032, 768), (2, 3, 40), (5, 13)])
+def test_swiglu_function_matches_autograd_of_the_torch_path(shape):
+    # (3032, 768): a GRPO update's MLP, split over the threads; (5, 13): short of a vector
+    _kernel_or_skip()
+    g = _gen(9)
+    g0, u0, dh = (torch.randn(*shape, generator=g) * 3 for _ in range(3))
+    gate, up = g0.clone().requires_grad_(), u0.clone().requires_grad_()
+    h = ks.swiglu(gate, up)
+    h.backward(dh)
+    gr, ur = g0.clone().requires_grad_(), u0.clone().requires_grad_()
+    hr = F.silu(gr) * ur
+    hr.backward(dh)
+    assert torch.allclose(h, hr, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(gate.grad, gr.grad, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(up.grad, ur.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_swiglu_by_hand():
+    # g = [0, 1], u = [2, 3], dh = [1, 1]; sig(0) = 1/2, sig(1) = s = 0.7310586:
+    # h = [0, 3 s]; du = silu(g) = [0, s]; dg = u * sig * (1 + g (1 - sig)) = [2 * 1/2, 3 s (2 - s)]
+    _kernel_or_skip()
+    s = 1 / (1 + 2.718281828459045**-1)
+    gate = torch.tensor([0.0, 1.0], requires_grad=True)
+    up = torch.tensor([2.0, 3.0], requires_grad=True)
+    h = ks.swiglu(gate, up)
+    h.backward(torch.ones(2))
+    assert torch.allclose(h, torch.tensor([0.0, 3 * s]), atol=1e-6)
+    assert torch.allclose(up.grad, torch.tensor([0.0, s]), atol=1e-6)
+    assert torch.allclose(gate.grad, torch.tensor([1.0, 3 * s * (2 - s)]), atol=1e-6)
+
+
 @pytest.mark.parametrize("b, t, h, d", [(64, 63, 4, 64), (3, 5, 9, 64), (2, 4, 2, 6)])
 def test_rope_function_matches_rotate_and_its_gradient(b, t, h, d):
     _kernel_or_skip()
@@ -230,7 +281,7 @@ def test_rope_function_matches_rotate_and_its_gradient(b, t, h, d):
 
 
 def test_a_training_step_of_the_model_matches_the_torch_path(monkeypatch):
-    # cpm-tiny forward + backward on padded rows (packing) with the C norm and rotary, and without
+    # cpm-tiny forward + backward on padded rows (packing) with the C norm, rotary and SwiGLU, and without
     _kernel_or_skip()
     from cpmtool.model.loader import load_model
 
@@ -245,9 +296,10 @@ def test_a_training_step_of_the_model_matches_the_torch_path(monkeypatch):
         return logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
 
     calls = []
-    monkeypatch.setattr(ks, "rms_norm", lambda *a, _f=ks.rms_norm: calls.append(1) or _f(*a))
+    monkeypatch.setattr(ks, "rms_norm", lambda *a, _f=ks.rms_norm: calls.append("norm") or _f(*a))
+    monkeypatch.setattr(ks, "swiglu", lambda *a, _f=ks.swiglu: calls.append("swiglu") or _f(*a))
     fast, gf = grads()
-    assert calls  # the C norm ran
+    assert set(calls) == {"norm", "swiglu"}  # the C norm and SwiGLU ran
     monkeypatch.setattr(tr, "_pointwise", False)
     slow, gs = grads()
     assert torch.allclose(fast, slow, atol=1e-5, rtol=1e-5)
