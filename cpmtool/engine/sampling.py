@@ -41,25 +41,30 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           min_p: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+           min_p: torch.Tensor, generators: list[torch.Generator | None],
+           uniforms: list[float | None] | None = None) -> torch.Tensor:
     """Next tokens (B,) long. Each row draws from its own generator, so a seeded request gives the
-    same tokens whatever else shares its batch (`categorical`)."""
+    same tokens whatever else shares its batch (`categorical`). `uniforms`: a row's draw when the
+    caller already took it from the row's generator (None entries still draw)."""
     greedy = temperature <= 0
     if not bool(greedy.any()):  # all rows sample (a rollout): no argmax, no row selection
         x = filter_logits(logits, temperature, top_k, top_p, min_p)
-        return categorical(x.softmax(-1), generators)
+        return categorical(x.softmax(-1), generators, uniforms)
     out = logits.argmax(-1)
     if bool(greedy.all()):
         return out
-    rows = (~greedy).nonzero().flatten()
+    rows = (~greedy).nonzero().flatten().tolist()
     x = filter_logits(logits[rows], temperature[rows], top_k[rows], top_p[rows], min_p[rows])
-    out[rows] = categorical(x.softmax(-1), [generators[r] for r in rows.tolist()])
+    out[rows] = categorical(x.softmax(-1), [generators[r] for r in rows],
+                            None if uniforms is None else [uniforms[r] for r in rows])
     return out
 
 
-def categorical(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+def categorical(probs: torch.Tensor, generators: list[torch.Generator | None],
+                uniforms: list[float | None] | None = None) -> torch.Tensor:
     """One token per row of `probs` (R, V) (rows need not sum to 1), each row drawn with one
     uniform from its own generator (None: the global one), by inverse transform sampling.
+    `uniforms[r]`, when given and not None, is row r's uniform, already drawn from its generator.
 
     The race torch.multinomial runs (argmax of p / q, q ~ Exp(1)) draws V exponentials per row,
     serially: 1.2 ms a row at V = 49152, a tenth of a smollm2-135m rollout and more than the
@@ -70,10 +75,13 @@ def categorical(probs: torch.Tensor, generators: list[torch.Generator | None]) -
     shares the batch, as vLLM's per-request generators do.
     """
     cdf = probs.double().cumsum(-1)  # (R, V)
+    given = uniforms or [None] * len(generators)
     # rows without a generator share one batched draw from the global one
-    shared = iter(torch.rand(sum(g is None for g in generators), dtype=torch.float64).tolist())
-    u = torch.tensor([[next(shared) if g is None else torch.rand(1, dtype=torch.float64, generator=g).item()]
-                      for g in generators], dtype=torch.float64)  # (R, 1)
+    shared = iter(torch.rand(sum(g is None and x is None for g, x in zip(generators, given, strict=True)),
+                             dtype=torch.float64).tolist())
+    u = torch.tensor([x if x is not None else next(shared) if g is None
+                      else torch.rand(1, dtype=torch.float64, generator=g).item()
+                      for g, x in zip(generators, given, strict=True)], dtype=torch.float64)[:, None]  # (R, 1)
     return inverse_cdf(cdf, u.to(cdf.device))  # the uniforms come from CPU generators
 
 

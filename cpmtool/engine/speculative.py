@@ -394,6 +394,8 @@ def _load_draft(engine, name: str):
 class SpecScheduler(Scheduler):
     """The native Scheduler with speculative decode steps (admission and prefill are unchanged)."""
 
+    draw_ahead = False  # the acceptance tests draw from the rows' generators between tokens
+
     def __init__(self, engine, max_batch: int, max_len: int | None, spec: Speculator):
         super().__init__(engine, max_batch, max_len)
         self.spec = spec

@@ -40,6 +40,36 @@ def test_batch_composition_does_not_change_outputs(engine):
         assert [c.token_ids for c in r.completions] == [c.token_ids for c in alone.completions]
 
 
+def test_drawing_uniforms_ahead_gives_the_tokens_of_one_draw_per_token(engine, monkeypatch):
+    # 150 tokens cross two refills of a row's 64-draw block; a greedy request draws nothing
+    from cpmtool.engine.native import Scheduler
+
+    reqs = [Request(prompt=x, id=x, params=SamplingParams(temperature=1.0, max_tokens=150, seed=i, n=2,
+                                                          ignore_eos=True)) for i, x in enumerate(PROMPTS[:2])]
+    reqs.append(Request(prompt="Hello", id="g", params=SamplingParams(temperature=0, max_tokens=5, seed=3)))
+    got = {}
+    for ahead in (False, True):
+        monkeypatch.setattr(Scheduler, "draw_ahead", ahead)
+        got[ahead] = [[c.token_ids for c in r.completions] for r in engine.generate(reqs)]
+    assert got[True] == got[False] and len(got[True][0][0]) == 150
+
+
+def test_a_sequence_draws_its_generators_numbers_in_order(engine):
+    # Scheduler's per-sequence blocks against one torch.rand(1) per token from the same seed
+    from cpmtool.engine.native import UNIFORM_BLOCK, Scheduler
+
+    sched = Scheduler(engine)
+    req = sched.add(Request(prompt="Hi", id="x"), SamplingParams(temperature=1.0, max_tokens=150, seed=7))
+    s = req.seqs[0]
+    ref = torch.Generator().manual_seed(s.generator.initial_seed())
+    want = [torch.rand(1, dtype=torch.float64, generator=ref).item() for _ in range(2 * UNIFORM_BLOCK + 5)]
+    got = []
+    for _ in range(2 * UNIFORM_BLOCK + 5):
+        got.append(s.uniform())
+        s.tokens.append(0)  # a token per draw, as sampling appends
+    assert got == want
+
+
 def test_n_samples_share_the_prompt_and_differ(engine):
     r = engine.generate([Request(prompt="Hello", id="h")], SamplingParams(temperature=1.0, n=4, max_tokens=8,
                                                                          seed=1, ignore_eos=True))[0]
