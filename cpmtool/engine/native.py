@@ -221,10 +221,16 @@ class Scheduler:
         # CPU generators (a seed gives the same tokens on any device) and each token is read back anyway
         logits = logits.cpu()
         ps = [s.req.params for s in seqs]
-        temp = torch.tensor([p.temperature for p in ps])
-        top_k = torch.tensor([p.top_k for p in ps])
-        top_p = torch.tensor([p.top_p for p in ps])
-        min_p = torch.tensor([p.min_p for p in ps])
+        knobs = {(p.temperature, p.top_k, p.top_p, p.min_p) for p in ps}
+        if len(knobs) == 1:  # one setting for every row (a rollout): four fills, not four list walks
+            (t_, k_, p_, m_), n = next(iter(knobs)), len(ps)
+            temp, top_p, min_p = (torch.full((n,), float(x)) for x in (t_, p_, m_))
+            top_k = torch.full((n,), int(k_))
+        else:
+            temp = torch.tensor([p.temperature for p in ps])
+            top_k = torch.tensor([p.top_k for p in ps])
+            top_p = torch.tensor([p.top_p for p in ps])
+            min_p = torch.tensor([p.min_p for p in ps])
         uniforms = None
         if self.draw_ahead:  # the sampled rows' uniforms, from their generators' blocks
             uniforms = [s.uniform() if s.generator is not None and p.temperature > 0 else None

@@ -75,6 +75,9 @@ def categorical(probs: torch.Tensor, generators: list[torch.Generator | None],
     shares the batch, as vLLM's per-request generators do.
     """
     cdf = probs.double().cumsum(-1)  # (R, V)
+    if uniforms is not None and None not in uniforms:  # every row's draw taken already
+        u = torch.tensor(uniforms, dtype=torch.float64)[:, None]  # (R, 1)
+        return inverse_cdf(cdf, u.to(cdf.device))
     given = uniforms or [None] * len(generators)
     # rows without a generator share one batched draw from the global one
     shared = iter(torch.rand(sum(g is None and x is None for g, x in zip(generators, given, strict=True)),
