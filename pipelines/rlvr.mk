@@ -5,7 +5,8 @@
 #   make -f pipelines/rlvr.mk grpo      # the "it must learn" run: <= MINUTES (10) of GRPO on 2 cores
 #   make -f pipelines/rlvr.mk all       # grpo prime nft luffy clip-cov kl-cov, then report and bench
 #   (`grpo` alone on 2 threads, with the inverse-transform sampler of 2026-11-30: 28.0% -> 43.5%, 235 steps;
-#   with the C decode step, norm and rotary: 28.0% -> 46.5%, 216 steps)
+#   with the C decode step, norm and rotary: 28.0% -> 46.5%, 216 steps; on a faster AVX-512 machine,
+#   base pinned to AVX2 (BASE_ENV), no 400-step ceiling: 29.5% -> 49.5%, 494 steps)
 #   (from the 780-step base, 10 minutes each, two at a time on 1 thread each: greedy 28.0% -> grpo 44.0,
 #   prime 42.5, nft 44.5, luffy 44.0, clip-cov 46.0; ttrl.mk's TTRL 27.0; see the README table)
 #   make -f pipelines/rlvr.mk report    # one JSON line per run: accuracy before/after, steps, minutes, load
@@ -45,6 +46,12 @@ CPMTOOL ?= $(PYTHON) -m cpmtool
 # 28.0% (pass@8 33%), 850 steps 55% -> 62% (pass@8 69%), 780 steps 28% -> 43.5-44.5% (three runs;
 # pass@8 45%): the recipe is mid-way through learning the task there, and RL carries it further.
 BASE_STEPS ?= 780
+# The base is built with MKL and ATen pinned to their AVX2 code paths, so it is the same model on any
+# x86 CPU with AVX2: with each CPU's own kernels the 780-step base lands wherever the arithmetic of
+# that CPU's kernels takes it (28.0% greedy on an AVX2 machine; 36.0% on an AVX-512 one, from which
+# 10 minutes of GRPO gained only 9.5 points, to 45.5%; 29.5% pinned, on that same AVX-512 machine).
+# Only the base: the RL runs use the CPU's fastest kernels.
+BASE_ENV ?= MKL_CBWR=AVX2 ATEN_CPU_CAPABILITY=avx2
 MODEL   ?= $(OUT)/base
 OUT     ?= runs/rlvr
 THREADS ?= 2
@@ -58,7 +65,9 @@ LR      ?= 1e-5
 # rollout temperature (the loss uses log-probs at the same temperature)
 TEMP    ?= 1.0
 SEED    ?= 0
-STEPS   ?= 400
+# a ceiling only: --max-minutes ends a run first (a 2-core machine of 2026-11-30 ran ~500 GRPO steps
+# in 10 minutes; the 400 of before stopped it after 6)
+STEPS   ?= 1000
 TRAIN_N ?= 4000
 TEST_N  ?= 200
 # levels of the RL prompts and of the test split (cpm-tiny is trained on levels 1-3; its card
@@ -86,7 +95,7 @@ data: $(OUT)/train.jsonl $(OUT)/test.jsonl $(if $(filter $(OUT)/base,$(MODEL)),$
 base: $(OUT)/base/config.json
 
 $(OUT)/base/config.json:
-	$(PYTHON) -m cpmtool.model.tiny train --out $(OUT)/base --steps $(BASE_STEPS) --threads $(THREADS) \
+	$(BASE_ENV) $(PYTHON) -m cpmtool.model.tiny train --out $(OUT)/base --steps $(BASE_STEPS) --threads $(THREADS) \
 	  --set evaluate=false
 
 $(OUT)/train.jsonl:

@@ -253,7 +253,9 @@ def train_rl_cmd(
 
     Prints one JSON row per trainer (samples/s, completion tokens/s; the median of --repeat rounds;
     ours also splits a step into rollout_s_per_step and update_s_per_step) and the median per-round
-    ratio; needs `pip install 'cpmtool[trl]'` for --compare trl.
+    ratio; needs `pip install 'cpmtool[trl]'` for --compare trl. Each trainer runs in its own worker
+    process, started once and kept for every round, so neither inherits what the other leaves in its
+    process (our trainer's malloc settings, heap, thread pools).
 
     Example: cpmtool bench train-rl --compare trl --model cpm-tiny --batch-size 8 --n 8 --max-tokens 64 --threads 2
     """

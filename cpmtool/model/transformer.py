@@ -253,6 +253,22 @@ class _Prefix:
         return self._mask
 
 
+def _fan_out(group: torch.Tensor, g: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Rows of a (G, ...) tensor to the (B, ...) of `group` (B,): row b is row group[b].
+
+    A GRPO batch (or a DPO one) holds each prompt's responses side by side, n of them each: the fan
+    out is then an expand, whose backward sums the n rows' gradients (a vectorised reduction). Any
+    other order takes index_select, whose backward adds them into zeros by index (on the CPU an
+    element-wise scatter_add, ~0.3 ms for each layer's K and V of a cpm-tiny GRPO update: that
+    update took 0.526 s against 0.538 s, medians of 10 alternating in one process).
+    """
+    b = group.shape[0]
+    n = b // g if g else 0
+    if n and n * g == b and torch.equal(group, torch.arange(g, device=group.device).repeat_interleave(n)):
+        return lambda x: x.unsqueeze(1).expand(g, n, *x.shape[1:]).reshape(b, *x.shape[1:])
+    return lambda x: x.index_select(0, group)
+
+
 class Packing:
     """Right-padded rows (B, T) with `lengths` real tokens, stored packed as (N, F) rows.
 
@@ -579,12 +595,12 @@ class Transformer(nn.Module):
         rec = _Recorder()
         h = self.hidden_states(batch.prompt_ids, None, rec, lengths=batch.prompt_lens)  # (G, P, hidden)
         plen = torch.tensor(batch.prompt_lens, device=dev)
-        first = h[torch.arange(g, device=dev), plen - 1].index_select(0, batch.group)  # (B, hidden): token 0
+        fan = _fan_out(batch.group, g)
+        first = fan(h[torch.arange(g, device=dev), plen - 1])  # (B, hidden): token 0
         if width == 1:
             return self._head_at(first[:, None], batch.keep)
-        valid = (torch.arange(p, device=dev)[None] < plen[:, None]).index_select(0, batch.group)  # (B, P)
-        prefix = _Prefix([k.index_select(0, batch.group) for k in rec.k],
-                         [v.index_select(0, batch.group) for v in rec.v], valid, width - 1)
+        valid = fan(torch.arange(p, device=dev)[None] < plen[:, None])  # (B, P)
+        prefix = _Prefix([fan(k) for k in rec.k], [fan(v) for v in rec.v], valid, width - 1)
         # response token j (j < L - 1) sits at slot P + j, at position len(prompt) + j, and predicts token j + 1
         steps = torch.arange(width - 1, device=dev)
         slots = (p + steps).expand(b, width - 1)  # (B, L - 1)

@@ -3,8 +3,10 @@
 A training step allocates and frees the same activations every step. cpm-tiny's GRPO update (64
 responses) frees ~400 MB of 1-10 MB tensors. glibc returns such blocks to the kernel: it unmaps
 an mmap'd block on free, and trims the heap top back once it is free. So the next step gets fresh
-pages and faults every one of them in again. That is ~100k minor faults an update, ~12% of its
-time (`getrusage` around `RLRecipe.update`: 100k faults and 0.51 s, against under 20k and 0.45 s).
+pages and faults every one of them in again: 50-170k minor faults an update, ~12% of its time
+(`getrusage` around `RLRecipe.update`; medians of 6 steps, two runs each: 0.50-0.51 s, against
+0.44-0.46 s with the blocks kept, where the faults drop to 0-20k once the heap has grown to its
+working size after a step).
 
 Raising the mmap and trim thresholds keeps those blocks in the heap and reuses them. The CUDA
 caching allocator does the same for GPU memory, and jemalloc or tcmalloc (LD_PRELOAD, as Intel's

@@ -16,9 +16,10 @@ def model():
     return m.train()
 
 
-def _batch(shared: bool):
+def _batch(shared: bool, shuffled: bool = False):
     """Four prompts of different lengths, three responses each (lengths 1 to 9); with `shared` off
-    every row gets its own prompt (the group's prompt with a different last token)."""
+    every row gets its own prompt (the group's prompt with a different last token). `shuffled`
+    interleaves the groups' rows (a prompt's responses no longer side by side)."""
     g = torch.Generator().manual_seed(1)
     prompts, responses = [], []
     for gi in range(4):
@@ -26,6 +27,9 @@ def _batch(shared: bool):
         for j in range(3):
             prompts.append(p if shared else p[:-1] + [5 + 10 * gi + j])
             responses.append(torch.randint(5, 300, ((gi * 3 + j) % 9 + 1,), generator=g).tolist())
+    if shuffled:
+        order = torch.randperm(len(prompts), generator=g).tolist()
+        prompts, responses = [prompts[i] for i in order], [responses[i] for i in order]
     return prompts, responses
 
 
@@ -43,9 +47,11 @@ def _grads(model, loss):
     return [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared-prompts", "distinct-prompts"])
-def test_response_logprobs_and_gradients_match_one_row_at_a_time(model, shared, monkeypatch):
-    prompts, responses = _batch(shared)
+@pytest.mark.parametrize(("shared", "shuffled"), [(True, False), (True, True), (False, False)],
+                         ids=["shared-prompts", "shared-prompts-interleaved", "distinct-prompts"])
+def test_response_logprobs_and_gradients_match_one_row_at_a_time(model, shared, shuffled, monkeypatch):
+    # side by side, a prompt's K/V fan out to its responses as an expand; interleaved, by index
+    prompts, responses = _batch(shared, shuffled)
     calls = []
     real = sequences._shared_prompts
     monkeypatch.setattr(sequences, "_shared_prompts", lambda *a: calls.append(real(*a)) or calls[-1])
@@ -101,3 +107,18 @@ def test_any_other_module_gets_the_plain_forward(model):
     got, _, _ = response_logprobs(Plain(model), prompts, responses)
     want, _, _ = response_logprobs(model, prompts, responses)
     assert torch.allclose(got, want, atol=2e-5)
+
+
+def test_fan_out_is_an_expand_for_side_by_side_groups():
+    from cpmtool.model.transformer import _fan_out
+
+    x = torch.arange(6.0).view(3, 2).requires_grad_()
+    for group in ([0, 0, 1, 1, 2, 2], [0, 1, 0, 2, 1, 2], [0, 0, 1, 2]):
+        idx = torch.tensor(group)
+        y = _fan_out(idx, 3)(x)
+        assert torch.equal(y, x.index_select(0, idx))
+        (gx,) = torch.autograd.grad((y * torch.arange(1.0, y.numel() + 1).view_as(y)).sum(), x)
+        # row r's gradient: the sum of the weights of the rows fanned out from it
+        w = torch.arange(1.0, y.numel() + 1).view_as(y)
+        assert torch.equal(gx, torch.zeros(3, 2).index_add(0, idx, w))
+        assert (y.grad_fn.name().startswith("IndexSelect")) == (group != [0, 0, 1, 1, 2, 2])
