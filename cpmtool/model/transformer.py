@@ -584,7 +584,7 @@ class Transformer(nn.Module):
 
         GRPO's n samples of a prompt (DPO's chosen and rejected) repeat the prompt: run per row,
         its tokens cost n times. Here the prompts run once (G rows, plain causal attention), their
-        per-layer K/V are fanned out to the B responses (index_select, whose backward sums the n
+        per-layer K/V are fanned out to the B responses (`_fan_out`, whose backward sums the n
         rows' gradients), and the responses run after them as a second chunk attending to those
         K/V and their own (`_Prefix`), as a prefill and a decode chunk do in the engine. Logits and
         gradients are those of the B full rows; only the summation order differs.
@@ -604,7 +604,7 @@ class Transformer(nn.Module):
         # response token j (j < L - 1) sits at slot P + j, at position len(prompt) + j, and predicts token j + 1
         steps = torch.arange(width - 1, device=dev)
         slots = (p + steps).expand(b, width - 1)  # (B, L - 1)
-        pos = plen.index_select(0, batch.group)[:, None] + steps  # (B, L - 1)
+        pos = fan(plen)[:, None] + steps  # (B, L - 1)
         lens = [max(n - 1, 0) for n in batch.response_lens]
         rest = self.hidden_states(batch.response_ids[:, :-1], slots, prefix, lengths=lens,
                                   rope_positions=pos)  # (B, L - 1, hidden)

@@ -37,14 +37,16 @@ TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest one, i.e. never 
 _state: list[str] = []  # the outcome, once decided: the setting is process-wide
 
 
-def keep_freed_memory() -> str:
-    """Raise glibc's mmap and trim thresholds once per process.
+def keep_freed_memory(device: str = "cpu") -> str:
+    """Raise glibc's mmap and trim thresholds once per process, for a run on `device`.
 
     Returns:
-        What was done, for run.json: "kept" (thresholds raised), or why not: "disabled"
-        (CPMTOOL_MALLOC_TUNE=0), "user_setting" (MALLOC_*_ variables or a preloaded allocator),
-        "not_glibc", or "refused" (mallopt returned 0).
+        What was done, for run.json: "kept" (thresholds raised), or why not: "untouched" (not a
+        CPU run), "disabled" (CPMTOOL_MALLOC_TUNE=0), "user_setting" (MALLOC_*_ variables or a
+        preloaded allocator), "not_glibc", or "refused" (mallopt returned 0).
     """
+    if device != "cpu":
+        return "untouched"
     if not _state:
         _state.append(_apply())
     return _state[0]

@@ -95,7 +95,7 @@ class RLRecipe:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         # activations reused step after step instead of page-faulted in afresh (cpu_heap)
-        self.malloc = keep_freed_memory() if cfg.device == "cpu" else "untouched"
+        self.malloc = keep_freed_memory(cfg.device)
         self.dist = init_distributed(cfg.device)
         self.out = Path(cfg.out)
         if self.dist.main:

@@ -26,6 +26,7 @@ import torch
 
 _SRC = Path(__file__).with_name("cpu_pointwise.c")
 _lib: list = []  # [library or None], resolved once
+_PAR_MIN = 1 << 16  # cpu_pointwise.c's PAR_MIN: the training passes' threading bound
 
 
 def kernel():
@@ -125,8 +126,8 @@ class _RMSNorm(torch.autograd.Function):
         n = x2.shape[1]
         gy = gy.reshape(-1, n).contiguous()
         dx, dw = torch.empty_like(x2), torch.empty(n)
-        # one float64 partial sum of dw per thread (few rows: one); see rmsnorm_bwd
-        t = torch.get_num_threads() if x2.numel() >= 1 << 16 else 1
+        # one float64 partial sum of dw per thread (under PAR_MIN elements: one); see rmsnorm_bwd
+        t = torch.get_num_threads() if x2.numel() >= _PAR_MIN else 1
         acc = torch.empty(t, n, dtype=torch.float64)
         kernel().rmsnorm_bwd(x2.data_ptr(), w.data_ptr(), r.data_ptr(), gy.data_ptr(), dx.data_ptr(), dw.data_ptr(),
                              acc.data_ptr(), x2.shape[0], n, t)

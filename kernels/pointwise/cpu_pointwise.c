@@ -21,8 +21,9 @@
    contraction), so results differ from it only by the reduction order of the norm's sums and
    silu's exp (a polynomial exp2, simd.h): float rounding. The decode kernels are single-threaded
    (a decode step's rows are a few KB: less work than waking a thread team); the training passes
-   split over the OpenMP threads from 64K elements up (the same libgomp as torch's, so its thread
-   count). Built without AVX2/FMA, pointwise_available() is 0 and the callers keep the torch path. */
+   split over the OpenMP threads from PAR_MIN (64K) elements up (the same libgomp as torch's, so
+   its thread count). Built without AVX2/FMA, pointwise_available() is 0 and the callers keep the
+   torch path. */
 
 #include <math.h>
 #include <stdint.h>
@@ -31,6 +32,10 @@
 #include "../simd.h"
 
 int pointwise_available(void) { return 1; }
+
+/* The training passes split over the OpenMP threads from this many elements (fewer: less work than
+   waking the thread team); the Python side picks rmsnorm_bwd's thread count by the same bound. */
+#define PAR_MIN (1 << 16)
 
 /* One row's RMSNorm: y = w * (x * r), r = 1 / sqrt(mean(x^2) + eps); returns r. */
 static inline float norm_row(const float *x, const float *w, float eps, float *y, int N) {
@@ -116,7 +121,7 @@ void silu_mul(const float *g, int64_t sg, const float *u, int64_t su, float *out
    six tensors and write three. Chunks split over the OpenMP threads. */
 void swiglu_bwd(const float *g, const float *u, const float *dh, float *dg, float *du, int64_t n) {
     const int64_t chunk = 1 << 14;
-#pragma omp parallel for schedule(static) if (n >= 4 * chunk)
+#pragma omp parallel for schedule(static) if (n >= PAR_MIN)
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {
         const __m256 one = _mm256_set1_ps(1.0f), nl2e = _mm256_set1_ps(-1.4426950408889634f);
         const int64_t end = c0 + chunk < n ? c0 + chunk : n;
@@ -139,7 +144,7 @@ void swiglu_bwd(const float *g, const float *u, const float *dh, float *dg, floa
 /* SwiGLU's forward over n contiguous elements, threaded: h = silu(g) * u. */
 void swiglu_fwd(const float *g, const float *u, float *h, int64_t n) {
     const int64_t chunk = 1 << 14;
-#pragma omp parallel for schedule(static) if (n >= 4 * chunk)
+#pragma omp parallel for schedule(static) if (n >= PAR_MIN)
     for (int64_t c0 = 0; c0 < n; c0 += chunk) {
         const int64_t end = c0 + chunk < n ? c0 + chunk : n;
         silu_mul(g + c0, 0, u + c0, 0, h + c0, 1, (int)(end - c0));
@@ -148,7 +153,7 @@ void swiglu_fwd(const float *g, const float *u, float *h, int64_t n) {
 
 /* y (B, N) = w * (x * r), r[b] = 1 / sqrt(mean(x[b]^2) + eps) (saved for the backward); contiguous rows. */
 void rmsnorm_fwd(const float *x, const float *w, float eps, float *y, float *r, int64_t B, int N) {
-#pragma omp parallel for schedule(static) if (B * N >= (1 << 16))
+#pragma omp parallel for schedule(static) if (B * N >= PAR_MIN)
     for (int64_t b = 0; b < B; b++) r[b] = norm_row(x + b * N, w, eps, y + b * N, N);
 }
 
@@ -189,7 +194,7 @@ void rmsnorm_bwd(const float *x, const float *w, const float *r, const float *gy
    dx_k = gy_k c_k + gy_s(k) s_s(k). */
 void rope_fwd(const float *x, const float *cos, const float *ssin, float *y, int64_t R, int H, int D, int transpose) {
     const int half = D / 2;
-#pragma omp parallel for schedule(static) if (R * H * D >= (1 << 16))
+#pragma omp parallel for schedule(static) if (R * H * D >= PAR_MIN)
     for (int64_t r = 0; r < R; r++) {
         const float *c = cos + r * D, *s = ssin + r * D;
         for (int h = 0; h < H; h++) {
