@@ -248,6 +248,8 @@ def train_rl_cmd(
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
     repeat: int = typer.Option(3, "--repeat", help="Rounds: the trainers run in turn this many times; the rows "
                                "are the median round and the median per-round ratio."),
+    device: str = typer.Option("cpu", "--device", help="Where both trainers run: cpu | cuda (fp32 on either; "
+                               "on cuda TRL generates with transformers' generate, ours with the native engine)."),
 ):
     """GRPO throughput: our trainer vs TRL's GRPOTrainer on the same model, batch, group size, lengths, steps.
 
@@ -276,7 +278,7 @@ def train_rl_cmd(
 
     bench_train_rl(model, prompts=prompts, compare=compare or None, batch_size=batch_size, n=n,
                    max_tokens=max_tokens, steps=steps, warmup=warmup, lr=lr, threads=threads or 0, repeat=repeat,
-                   on_row=show, progress=lambda s: print(f"cpmtool bench train-rl: {s}", file=sys.stderr, flush=True))
+                   device=device, on_row=show, progress=lambda s: print(f"cpmtool bench train-rl: {s}", file=sys.stderr, flush=True))
 
 
 @app.command("ternary")

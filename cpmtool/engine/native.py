@@ -10,6 +10,7 @@ request joins between two decode steps.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch
 from cpmtool.engine.sampling import sample, token_logprobs
 from cpmtool.engine.types import Completion, Request, Result, SamplingParams
 from cpmtool.errors import ConfigError
+from cpmtool.model.transformer import KVCache
 
 
 @dataclass
@@ -108,6 +110,9 @@ class Scheduler:
     # sampled rows take their uniforms from `_Seq.uniform` (blocks); a subclass that draws from the
     # generators itself (speculative decoding's acceptance tests) turns it off
     draw_ahead = True
+    # decode steps as CUDA graphs where the engine allows them (engine.cuda_graphs); a subclass whose
+    # decode step has other shapes (speculative verification) turns it off
+    use_graphs = True
 
     def __init__(self, engine: NativeEngine, max_batch: int = 64, max_len: int | None = None):
         self.engine = engine
@@ -116,9 +121,14 @@ class Scheduler:
         cfg = self.model.config
         self.max_len = max_len or cfg.max_position_embeddings
         self.waiting: deque[_Req] = deque()
+        # the cache's rows in order; with CUDA graphs finished rows may stay until _compact drops them
         self.running: list[_Seq] = []
         self.cache = None
-        self.last_tokens: torch.Tensor | None = None  # (B,) next input per running row
+        self.graphs = None
+        if self.use_graphs and engine.graphs_enabled:
+            from cpmtool.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self.model, capture=engine.device.type == "cuda")
 
     # -- queue -------------------------------------------------------------------------------
     def add(self, request: Request, params: SamplingParams | None = None) -> _Req:
@@ -160,13 +170,15 @@ class Scheduler:
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
         events = self._admit()
-        self._compact()  # a sequence may end on its first token
+        self._compact(lazy=True)  # a sequence may end on its first token
         if self.running:
             events += self._decode()
-            self._compact()
+            self._compact(lazy=True)
         return events
 
     def _admit(self) -> list[TokenEvent]:
+        if self.waiting:  # finished rows kept for the graphs would take room from new ones
+            self._compact()
         batch: list[_Req] = []
         room = self.max_batch - len(self.running)
         while self.waiting and (not batch or room >= self.waiting[0].params.n) and \
@@ -211,6 +223,15 @@ class Scheduler:
 
     def _decode(self) -> list[TokenEvent]:
         dev = self.engine.device
+        if self.graphs is not None and type(self.cache) is KVCache and not self.cache.extra:
+            # a finished row kept in the batch re-feeds its last token at its last position (the
+            # same K/V into the same slot); its logits are dropped
+            logits = self.graphs.logits(self.cache, [s.tokens[-1] for s in self.running],
+                                        [s.pos for s in self.running])  # (B, V)
+            live = [i for i, s in enumerate(self.running) if s.finish_reason is None]
+            if len(live) < len(self.running):
+                return self._sample_append([self.running[i] for i in live], logits.cpu()[live])
+            return self._sample_append(self.running, logits)
         ids = torch.tensor([[s.tokens[-1]] for s in self.running], device=dev)  # (B, 1)
         pos = torch.tensor([[s.pos] for s in self.running], device=dev)  # (B, 1)
         logits = self.model.logits(self.model.hidden_states(ids, pos, self.cache)[:, -1]).float()  # (B, V)
@@ -268,9 +289,13 @@ class Scheduler:
         if s.finish_reason is None and len(s.tokens) >= p.max_tokens:
             s.finish_reason = "length"
 
-    def _compact(self) -> None:
+    def _compact(self, lazy: bool = False) -> None:
+        """Drop finished rows from the batch and the cache. `lazy`, with CUDA graphs: only once at
+        least half the rows are done, since every new batch shape is a new capture."""
         keep = [i for i, s in enumerate(self.running) if s.finish_reason is None]
         if len(keep) == len(self.running):
+            return
+        if lazy and self.graphs is not None and keep and 2 * len(keep) > len(self.running):
             return
         self.running = [self.running[i] for i in keep]
         if keep:
@@ -284,12 +309,19 @@ class NativeEngine:
 
     name = "native"
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 64, max_len: int | None = None, speculative=None):
+    def __init__(self, model, tokenizer, *, max_batch: int = 64, max_len: int | None = None, speculative=None,
+                 cuda_graphs: bool | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_len = max_len
         self.device = next(model.parameters()).device
+        # decode steps replayed as CUDA graphs (engine/cuda_graphs.py): on a GPU, for dense attention.
+        # cuda_graphs=False, or CPMTOOL_CUDA_GRAPHS=0 in the environment, runs every step eagerly (as
+        # vLLM's enforce_eager does): for profiling, or a model whose step cannot be captured
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get("CPMTOOL_CUDA_GRAPHS", "1") != "0"
+        self.graphs_enabled = cuda_graphs and self.device.type == "cuda" and model.config.attention == "dense"
         eos = set(model.config.eos_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(int(tokenizer.eos_token_id))

@@ -395,6 +395,7 @@ class SpecScheduler(Scheduler):
     """The native Scheduler with speculative decode steps (admission and prefill are unchanged)."""
 
     draw_ahead = False  # the acceptance tests draw from the rows' generators between tokens
+    use_graphs = False  # a verification step's width varies with the drafts: it runs eagerly
 
     def __init__(self, engine, max_batch: int, max_len: int | None, spec: Speculator):
         super().__init__(engine, max_batch, max_len)

@@ -111,6 +111,9 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
         self.used = 0
+        # set while a CUDA-graph decode step runs (engine.cuda_graphs): `used` is then fixed by the
+        # caller, and claim skips the host sync that reading the positions' maximum costs
+        self.fixed_used = False
         self.extra: dict = {}  # per-attention state (InfLLM v2 keeps its compressed keys here)
         self._mask: tuple | None = None  # (positions, mask) of the current forward, see attn_mask
 
@@ -137,9 +140,10 @@ class KVCache:
     def claim(self, positions: torch.Tensor) -> None:
         """Mark the slots at `positions` (B, T) written and raise the high-water mark: a forward's
         bookkeeping, done once (at layer 0) before its layers write their K/V there."""
-        self.used = max(self.used, int(positions.max()) + 1)
-        if self.used > self.max_len:
-            raise ValueError(f"KV cache overflow: position {self.used - 1} >= max_len {self.max_len}")
+        if not self.fixed_used:
+            self.used = max(self.used, int(positions.max()) + 1)
+            if self.used > self.max_len:
+                raise ValueError(f"KV cache overflow: position {self.used - 1} >= max_len {self.max_len}")
         self.valid.scatter_(1, positions, True)
         self._mask = None
 

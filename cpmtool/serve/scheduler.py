@@ -214,5 +214,5 @@ class EngineLoop:
         self._live.clear()
 
     def _publish_load(self) -> None:
-        running = len({id(s.req) for s in self._sched.running})
+        running = len({id(s.req) for s in self._sched.running if s.finish_reason is None})
         self.metrics.set_load(running, len(self._sched.waiting) + self._cmds.qsize())

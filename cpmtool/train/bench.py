@@ -2,8 +2,9 @@
 
 Both sides train the same checkpoint (a MiniCPM is exported to its exact Llama equivalent for
 transformers/TRL) on the same prompts with the same group size, prompts per step, completion
-length, learning rate, temperature and number of steps, the same torch thread count, fp32, no
-gradient checkpointing, no KL. Each step is rollout + reward + one policy update. The first
+length, learning rate, temperature and number of steps, the same torch thread count, the same
+device (`cpu`, or `cuda`: our native engine rolls out on the GPU, TRL generates with transformers'
+`generate` there, its default without vLLM), fp32, no gradient checkpointing, no KL. Each step is rollout + reward + one policy update. The first
 `warmup` steps are not timed. Throughput = trained samples (completions) per second of step time.
 
 Each trainer runs in its own worker process, started once (spawn) and kept for all rounds. What
@@ -37,14 +38,14 @@ def _prompts(path: str | None, count: int, seed: int) -> list[dict]:
 
 
 def _ours(model: str, prompts_file: Path, out: Path, *, batch_size, n, max_tokens, steps, warmup, lr, threads,
-          seed) -> dict:
+          seed, device="cpu") -> dict:
     from cpmtool.train.config import RLConfig
     from cpmtool.train.rl import train_rl
     from cpmtool.train.runlog import read_metrics
 
     cfg = RLConfig(model=model, prompts=str(prompts_file), out=str(out), algo="grpo", steps=warmup + steps,
                    batch_size=batch_size, n=n, max_tokens=max_tokens, lr=lr, threads=threads, seed=seed,
-                   weight_decay=0.0, keep_checkpoints=1)
+                   weight_decay=0.0, keep_checkpoints=1, device=device)
     train_rl(cfg)
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("step", 0) > warmup]
     secs = sum(r["step_time"] for r in rows)
@@ -57,7 +58,8 @@ def _ours(model: str, prompts_file: Path, out: Path, *, batch_size, n, max_token
             "mean_completion_tokens": round(toks / max(samples, 1), 1), **split}
 
 
-def _trl(model: str, records: list[dict], out: Path, *, batch_size, n, max_tokens, steps, warmup, lr, seed) -> dict:
+def _trl(model: str, records: list[dict], out: Path, *, batch_size, n, max_tokens, steps, warmup, lr, seed,
+         device="cpu") -> dict:
     trl = require("trl", extra="trl", purpose="cpmtool bench train-rl --compare trl")
     datasets = require("datasets", extra="trl", purpose="cpmtool bench train-rl --compare trl")
     import transformers
@@ -102,7 +104,7 @@ def _trl(model: str, records: list[dict], out: Path, *, batch_size, n, max_token
         output_dir=str(out / "trl"), per_device_train_batch_size=batch_size * n, num_generations=n,
         max_completion_length=max_tokens, max_steps=warmup + steps, learning_rate=lr, weight_decay=0.0,
         lr_scheduler_type="constant", temperature=1.0, top_p=1.0, beta=0.0, num_iterations=1, loss_type="dapo",
-        use_cpu=True, bf16=False,
+        use_cpu=device == "cpu", bf16=False,
         gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no", seed=seed,
         dataloader_num_workers=0, disable_tqdm=True,
     )
@@ -149,8 +151,8 @@ def _summary(runs: list[dict]) -> dict:
 
 def bench_train_rl(model: str = "cpm-tiny", *, prompts: str | None = None, compare: str | None = "trl",
                    batch_size: int = 8, n: int = 8, max_tokens: int = 64, steps: int = 3, warmup: int = 1,
-                   lr: float = 1e-5, threads: int = 0, seed: int = 0, repeat: int = 1, on_row=None,
-                   progress=None) -> list[dict]:
+                   lr: float = 1e-5, threads: int = 0, seed: int = 0, repeat: int = 1, device: str = "cpu",
+                   on_row=None, progress=None) -> list[dict]:
     """Time the same GRPO configuration in our trainer and (with `compare="trl"`) in TRL.
 
     Returns one row per trainer (samples/s, seconds, steps, completion tokens/s; ours also the mean
@@ -159,10 +161,11 @@ def bench_train_rl(model: str = "cpm-tiny", *, prompts: str | None = None, compa
     each round); a trainer's row is its median round and the ratio is the median of the R
     per-round ratios, so a slow spell of a shared machine lands on both sides of one round instead
     of on one trainer. Each trainer runs in its own worker process (see the module's docstring).
+    `device` is where both trainers run: "cpu" or "cuda" (fp32 on either).
     `on_row(row)` sees each final row; `progress(text)` each round's figures.
 
     Raises:
-        ConfigError: bad sizes or an unknown comparison.
+        ConfigError: bad sizes, an unknown comparison or device, or "cuda" without a CUDA device.
         MissingDependencyError: `trl` (or `datasets`) is not installed (pip install 'cpmtool[trl]').
     """
     import json
@@ -174,13 +177,17 @@ def bench_train_rl(model: str = "cpm-tiny", *, prompts: str | None = None, compa
         raise ConfigError(f"--compare {compare!r}: valid: {', '.join(COMPARE)}")
     if min(batch_size, n, max_tokens, steps, repeat) < 1 or warmup < 0:
         raise ConfigError("--batch-size, --n, --max-tokens, --steps and --repeat must be >= 1, --warmup >= 0")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: valid: cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA device")
     if compare:  # fail before the first timing, not after it
         require("trl", extra="trl", purpose="cpmtool bench train-rl --compare trl")
     if threads:
         torch.set_num_threads(threads)
     records = _prompts(prompts, batch_size * (warmup + steps), seed)
     common = {"model": model, "batch_size": batch_size, "n": n, "max_tokens": max_tokens, "lr": lr,
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "device": device}
     ours_runs: list[dict] = []
     theirs_runs: list[dict] = []
     ratios: list[float] = []
@@ -193,12 +200,12 @@ def bench_train_rl(model: str = "cpm-tiny", *, prompts: str | None = None, compa
         for rnd in range(repeat):
             ours_runs.append(ours_w.submit(
                 _ours, model, pfile, tmp / f"ours{rnd}", batch_size=batch_size, n=n, max_tokens=max_tokens,
-                steps=steps, warmup=warmup, lr=lr, threads=threads, seed=seed).result())
+                steps=steps, warmup=warmup, lr=lr, threads=threads, seed=seed, device=device).result())
             line = f"round {rnd + 1}/{repeat}: cpmtool {ours_runs[-1]['samples_per_s']:.2f} samples/s"
             if trl_w is not None:
                 theirs_runs.append(trl_w.submit(
                     _trl, model, records, tmp / f"trl{rnd}", batch_size=batch_size, n=n, max_tokens=max_tokens,
-                    steps=steps, warmup=warmup, lr=lr, seed=seed).result())
+                    steps=steps, warmup=warmup, lr=lr, seed=seed, device=device).result())
                 if theirs_runs[-1].get("samples_per_s"):
                     ratios.append(ours_runs[-1]["samples_per_s"] / theirs_runs[-1]["samples_per_s"])
                     line += f", trl {theirs_runs[-1]['samples_per_s']:.2f} samples/s, x{ratios[-1]:.2f}"
