@@ -3,7 +3,7 @@
 # any GPU box with cpmtool importable): the Triton kernels compiled and checked against their torch
 # references (small odd shapes and full size), the model running them on CUDA, then the attention
 # benchmark (Triton vs SDPA, prefill and decode), a training-step timing (forward + backward), and
-# the trainers on CUDA (gpu_train_check.sh).
+# the trainers on CUDA with bench train-rl --device cuda (gpu_train_check.sh).
 #
 #   bash pipelines/gpu_check.sh [OUTDIR]     # writes gpu.txt, pytest.log, attention.jsonl, train_step.jsonl
 set -uo pipefail
@@ -21,7 +21,7 @@ $py -c "import torch, triton; print('torch', torch.__version__, '| triton', trit
 # engine's gpu-marked tests (the engine's need smollm2-135m pulled, else they skip)
 $py -m pytest -q -p no:cacheprovider --timeout 600 tests/kernels/test_infllmv2_triton.py \
   tests/kernels/test_ternary_matmul_triton.py tests/model/test_sparse_attention.py tests/train/test_rl.py \
-  tests/engine/test_native.py \
+  tests/engine/test_native.py tests/engine/test_cuda_graphs.py \
   -k "triton or gpu or cuda or test_full_size" 2>&1 | tee "$out/pytest.log" || status=1
 
 $py -m cpmtool bench attention --context 4k,8k,16k,32k,64k,128k >"$out/attention.jsonl" 2>"$out/attention.txt" \

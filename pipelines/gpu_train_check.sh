@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The trainers on CUDA, a few steps each on cpm-tiny: train-rl with GRPO and PRIME (rollouts by the
-# native engine in-process on the GPU, PRIME's implicit PRM beside the policy) and train-sft.
+# native engine in-process on the GPU, its decode steps as CUDA graphs; PRIME's implicit PRM beside the
+# policy) and train-sft; then `bench train-rl --device cuda`, against TRL's GRPOTrainer when trl is
+# importable, and ours with the graphs off (CPMTOOL_CUDA_GRAPHS=0).
 # Called by gpu_check.sh; alone: bash pipelines/gpu_train_check.sh [OUTDIR]
 set -uo pipefail
 out=${1:-gpu-check}/train
@@ -18,4 +20,12 @@ done
 echo "== train-sft on cuda"
 $py -m cpmtool train-sft --model cpm-tiny --data "$out/sft.jsonl" --steps 5 --batch-size 8 --device cuda --out "$out/sft" \
   2>&1 | tail -3 || status=1
+echo "== bench train-rl --device cuda"
+compare=trl
+$py -c "import trl, datasets" 2>/dev/null || compare=""
+$py -m cpmtool bench train-rl --compare "$compare" --device cuda --model cpm-tiny --batch-size 8 --n 8 --max-tokens 64 \
+  --repeat 2 >"$out/bench_rl.jsonl" || status=1
+echo "== the same, ours with eager decode steps"
+CPMTOOL_CUDA_GRAPHS=0 $py -m cpmtool bench train-rl --compare "" --device cuda --model cpm-tiny --batch-size 8 --n 8 \
+  --max-tokens 64 --repeat 2 >"$out/bench_rl_eager.jsonl" || status=1
 exit $status

@@ -30,6 +30,20 @@ def test_bench_rejects_unknown_comparison():
 
     with pytest.raises(ConfigError, match="valid: trl"):
         bench_train_rl("cpm-tiny", compare="openrlhf")
+    with pytest.raises(ConfigError, match="valid: cpu, cuda"):
+        bench_train_rl("cpm-tiny", compare=None, device="tpu")
+
+
+def test_bench_on_cuda_needs_a_cuda_device():
+    import torch
+
+    from cpmtool.errors import ConfigError
+    from cpmtool.train.bench import bench_train_rl
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: pipelines/gpu_train_check.sh runs the bench on it")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        bench_train_rl("cpm-tiny", compare=None, device="cuda")
 
 
 @pytest.mark.slow
