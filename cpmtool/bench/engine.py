@@ -92,8 +92,9 @@ def _hf_generate(ref, prompts: list[list[int]], max_tokens: int, pad_id: int) ->
     import transformers
 
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])  # left padding, as HF decoders want
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    dev = ref.device
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=dev)  # left padding, as HF wants
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
     gc = transformers.GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
                                        pad_token_id=pad_id, eos_token_id=None)
     with torch.inference_mode():
@@ -103,13 +104,15 @@ def _hf_generate(ref, prompts: list[list[int]], max_tokens: int, pad_id: int) ->
 
 def bench_engine(model: str = "smollm2-135m", *, batch: int = 32, max_tokens: int = 128,
                  prompts: str | Path | None = None, compare: Sequence[str] = (), repeats: int = 1,
-                 dtype: str = "float32", threads: int | None = None, progress: Callable[[str], None] | None = None
-                 ) -> dict:
+                 dtype: str = "float32", threads: int | None = None, device: str = "cpu",
+                 progress: Callable[[str], None] | None = None) -> dict:
     """Native engine vs transformers `generate` (+ `compare` peers: "vllm") at one batch size.
 
     Returns a record: model, batch, max_tokens, prompt_tokens, then per peer
     {seconds, tokens, tokens_per_s}, `ratio_vs_hf` per peer, and `same_as_hf` (rows whose tokens
-    equal transformers').
+    equal transformers'). On `device="cuda"` the native engine runs twice, with its decode steps
+    replayed as CUDA graphs ("native") and eagerly ("native_eager"), so the graphs' share is measured
+    in the same process.
     """
     import torch
 
@@ -122,18 +125,23 @@ def bench_engine(model: str = "smollm2-135m", *, batch: int = 32, max_tokens: in
     unknown = set(compare) - {"vllm", "hf"}
     if unknown:
         raise ConfigError(f"unknown --compare peer(s) {', '.join(sorted(unknown))} (valid: vllm)")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: valid: cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA device")
     if threads:
         torch.set_num_threads(threads)
     say = progress or (lambda s: None)
     records = load_instructions(prompts, batch)
     say(f"loading {model} (native)")
-    native = NativeEngine.load(model, dtype=dtype, max_batch=batch)
+    native = NativeEngine.load(model, dtype=dtype, device=device, max_batch=batch)
     tok = native.tokenizer
     ids = [encode_chat(tok, _messages(r)) for r in records]
     reqs = [Request(prompt_ids=p, id=str(i)) for i, p in enumerate(ids)]
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     result: dict = {"bench": "engine", "model": model, "batch": batch, "max_tokens": max_tokens, "dtype": dtype,
-                    "threads": torch.get_num_threads(), "prompt_tokens": sum(len(p) for p in ids), "peers": {}}
+                    "device": device, "threads": torch.get_num_threads(), "prompt_tokens": sum(len(p) for p in ids),
+                    "peers": {}}
 
     def record(name: str, seconds: float, outs: list[list[int]]):
         n = sum(len(o) for o in outs)
@@ -145,13 +153,28 @@ def bench_engine(model: str = "smollm2-135m", *, batch: int = 32, max_tokens: in
     dt, res = _best_time(lambda: native.generate(reqs, params), repeats)
     ours = [r.completions[0].token_ids for r in res]
     record("native", dt, ours)
+    eager_outs = None
+    if device == "cuda":
+        eager = NativeEngine(native.model, tok, max_batch=batch, cuda_graphs=False)
+        say("native engine, eager decode steps")
+        eager.generate(reqs[:2], params.with_(max_tokens=2))
+        dt, eres = _best_time(lambda: eager.generate(reqs, params), repeats)
+        eager_outs = [r.completions[0].token_ids for r in eres]
+        record("native_eager", dt, eager_outs)
 
     import transformers
 
-    from cpmtool.model.loader import resolve, torch_dtype
+    from cpmtool.model.loader import read_config, resolve, torch_dtype
 
     say("loading transformers")
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(resolve(model)), dtype=torch_dtype(dtype)).eval()
+    path = resolve(model)
+    if path.is_dir() and read_config(path).family == "minicpm":  # transformers has no MiniCPM: the exact Llama
+        import tempfile
+
+        from cpmtool.model.export import export_llama
+
+        path = export_llama(model, Path(tempfile.mkdtemp(prefix="cpmtool-bench-engine-")) / "llama")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype)).to(device).eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     _hf_generate(ref, ids[:2], 2, pad)
     say("transformers generate")
@@ -159,6 +182,9 @@ def bench_engine(model: str = "smollm2-135m", *, batch: int = 32, max_tokens: in
     record("hf", dt, hf)
     ref = None  # free it before vLLM loads
     result["same_as_hf"] = {"native": sum(a == b for a, b in zip(ours, hf, strict=True))}
+    if eager_outs is not None:  # the graphs replay the eager step: the same tokens, row for row
+        result["same_as_hf"]["native_eager"] = sum(a == b for a, b in zip(eager_outs, hf, strict=True))
+        result["graphs_same_as_eager"] = sum(a == b for a, b in zip(ours, eager_outs, strict=True))
 
     if "vllm" in compare:
         from cpmtool.engine.vllm_backend import VllmEngine
@@ -252,7 +278,8 @@ def format_engine(r: dict) -> str:
             ratio = "1.00" if name == "hf" else f"{r['ratio_vs_hf'][name]:.2f}"
             note = "" if name == "hf" else f"same tokens as hf: {r['same_as_hf'].get(name)}/{r['batch']}"
             rows.append([name, str(p["tokens"]), f"{p['seconds']:.2f}", f"{p['tokens_per_s']:.1f}", ratio, note])
-        head = f"{r['model']}: batch {r['batch']}, {r['max_tokens']} new tokens each, {r['dtype']}, {r['threads']} threads"
+        head = (f"{r['model']}: batch {r['batch']}, {r['max_tokens']} new tokens each, {r['dtype']}, "
+                f"{r.get('device', 'cpu')}, {r['threads']} threads")
     else:
         for name, p in r["runs"].items():
             ratio = "1.00" if name == "plain" else f"{p['speedup']:.2f}"

@@ -177,6 +177,8 @@ def engine_cmd(
     repeats: int = typer.Option(1, "--repeats", min=1, help="Timed runs per peer; the best is kept."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (default: torch's)."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda (on cuda the native engine also runs with "
+                               "its decode steps eager, as peer native_eager)."),
 ):
     """Throughput of the native engine vs transformers `generate` (and vLLM), same prompts, one process.
 
@@ -191,7 +193,7 @@ def engine_cmd(
     from cpmtool.bench.engine import bench_engine, format_engine
 
     r = bench_engine(model, batch=batch, max_tokens=max_tokens, prompts=prompts, compare=tuple(compare or ()),
-                     repeats=repeats, dtype=dtype, threads=threads,
+                     repeats=repeats, dtype=dtype, threads=threads, device=device,
                      progress=lambda s: print(f"cpmtool bench engine: {s}", file=sys.stderr, flush=True))
     print(format_engine(r), file=sys.stderr)
     sys.stdout.write(orjson.dumps(r).decode() + "\n")

@@ -54,6 +54,21 @@ def test_bench_engine_record(tiny_model_dir, prompts):
     orjson.dumps(r)  # a JSON record
 
 
+def test_bench_engine_on_a_minicpm_model(prompts):
+    # transformers has no MiniCPM class: its peer loads the exact Llama export, so greedy tokens agree
+    r = bench_engine("cpm-tiny", batch=2, max_tokens=4, prompts=prompts)
+    assert r["device"] == "cpu" and r["peers"]["native"]["tokens"] == 8 and r["peers"]["hf"]["tokens"] == 8
+    assert r["same_as_hf"]["native"] >= 1 and "cpu" in format_engine(r)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_engine_on_cuda_times_graphs_and_eager(prompts):
+    r = bench_engine("cpm-tiny", batch=3, max_tokens=8, prompts=prompts, device="cuda")
+    assert set(r["peers"]) == {"native", "native_eager", "hf"}
+    assert r["graphs_same_as_eager"] == 3  # the replayed graphs give the eager tokens
+
+
 def test_bench_spec_record(tiny_model_dir, prompts):
     r = bench_spec(tiny_model_dir, methods=("ngram", "draft"), draft_model="self:1", spec_tokens=3, n_prompts=2,
                    batch=2, max_tokens=8, prompts=prompts)
@@ -73,3 +88,8 @@ def test_bench_input_errors(tmp_path, prompts):
         load_instructions(tmp_path / "missing.jsonl", 1)
     with pytest.raises(ConfigError, match="--methods"):
         bench_spec("x", methods=("eagle",))
+    with pytest.raises(ConfigError, match="valid: cpu, cuda"):
+        bench_engine("cpm-tiny", prompts=prompts, batch=1, device="mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            bench_engine("cpm-tiny", prompts=prompts, batch=1, device="cuda")
