@@ -17,6 +17,7 @@ machine they are noisy, so `repeats` > 1 keeps the best run of each peer.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -167,14 +168,13 @@ def bench_engine(model: str = "smollm2-135m", *, batch: int = 32, max_tokens: in
     from cpmtool.model.loader import read_config, resolve, torch_dtype
 
     say("loading transformers")
-    path = resolve(model)
-    if path.is_dir() and read_config(path).family == "minicpm":  # transformers has no MiniCPM: the exact Llama
-        import tempfile
+    with tempfile.TemporaryDirectory(prefix="cpmtool-bench-engine-") as tmp:
+        path = resolve(model)
+        if path.is_dir() and read_config(path).family == "minicpm":  # transformers has no MiniCPM class
+            from cpmtool.model.export import export_llama
 
-        from cpmtool.model.export import export_llama
-
-        path = export_llama(model, Path(tempfile.mkdtemp(prefix="cpmtool-bench-engine-")) / "llama")
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype)).to(device).eval()
+            path = export_llama(model, Path(tmp) / "llama")  # the exact Llama equivalent
+        ref = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype(dtype)).to(device).eval()
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     _hf_generate(ref, ids[:2], 2, pad)
     say("transformers generate")

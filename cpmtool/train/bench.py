@@ -4,8 +4,9 @@ Both sides train the same checkpoint (a MiniCPM is exported to its exact Llama e
 transformers/TRL) on the same prompts with the same group size, prompts per step, completion
 length, learning rate, temperature and number of steps, the same torch thread count, the same
 device (`cpu`, or `cuda`: our native engine rolls out on the GPU, TRL generates with transformers'
-`generate` there, its default without vLLM), fp32, no gradient checkpointing, no KL. Each step is rollout + reward + one policy update. The first
-`warmup` steps are not timed. Throughput = trained samples (completions) per second of step time.
+`generate` there, its default without vLLM), fp32, no gradient checkpointing, no KL. Each step is
+rollout + reward + one policy update. The first `warmup` steps are not timed. Throughput = trained
+samples (completions) per second of step time.
 
 Each trainer runs in its own worker process, started once (spawn) and kept for all rounds. What
 one trainer leaves in its process (our trainer's glibc malloc thresholds, `train.cpu_heap`; heap
