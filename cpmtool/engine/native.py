@@ -223,19 +223,19 @@ class Scheduler:
 
     def _decode(self) -> list[TokenEvent]:
         dev = self.engine.device
+        seqs = self.running
         if self.graphs is not None and type(self.cache) is KVCache and not self.cache.extra:
-            # a finished row kept in the batch re-feeds its last token at its last position (the
-            # same K/V into the same slot); its logits are dropped
-            logits = self.graphs.logits(self.cache, [s.tokens[-1] for s in self.running],
-                                        [s.pos for s in self.running])  # (B, V)
-            live = [i for i, s in enumerate(self.running) if s.finish_reason is None]
-            if len(live) < len(self.running):
-                return self._sample_append([self.running[i] for i in live], logits.cpu()[live])
-            return self._sample_append(self.running, logits)
-        ids = torch.tensor([[s.tokens[-1]] for s in self.running], device=dev)  # (B, 1)
-        pos = torch.tensor([[s.pos] for s in self.running], device=dev)  # (B, 1)
-        logits = self.model.logits(self.model.hidden_states(ids, pos, self.cache)[:, -1]).float()  # (B, V)
-        return self._sample_append(self.running, logits)
+            logits = self.graphs.logits(self.cache, [s.tokens[-1] for s in seqs], [s.pos for s in seqs])  # (B, V)
+        else:
+            ids = torch.tensor([[s.tokens[-1]] for s in seqs], device=dev)  # (B, 1)
+            pos = torch.tensor([[s.pos] for s in seqs], device=dev)  # (B, 1)
+            logits = self.model.logits(self.model.hidden_states(ids, pos, self.cache)[:, -1]).float()  # (B, V)
+        # a finished row kept in the batch (_compact(lazy=True)) re-fed its last token at its last
+        # position, the same K/V into the same slot; its logits are dropped
+        live = [i for i, s in enumerate(seqs) if s.finish_reason is None]
+        if len(live) < len(seqs):
+            return self._sample_append([seqs[i] for i in live], logits.cpu()[live])
+        return self._sample_append(seqs, logits)
 
     def _sample_append(self, seqs: list[_Seq], logits: torch.Tensor) -> list[TokenEvent]:
         # sampling runs on the CPU whatever the model's device: the per-request seeded generators are
