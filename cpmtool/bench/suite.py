@@ -202,22 +202,27 @@ def _cell(v) -> str:
 
 
 def default_suite(*, quick: bool = False, threads: int | None = None,
-                  commands: dict[str, set[str]] | None = None) -> list[SubBench]:
+                  commands: dict[str, set[str]] | None = None, device: str = "cpu") -> list[SubBench]:
     """The benchmarks `bench all` runs, with --quick (smoke-test sizes) or full settings.
 
     `commands` maps the `cpmtool bench` subcommands of this build to their option names (the CLI
     reads them off its app); `ternary` runs only when it is there, with `--quick` if it takes one.
+    `device="cuda"` runs the engine, the trainers and the server on the GPU (`attention` times its
+    Triton kernels there whenever CUDA is present); the others are CPU benchmarks.
     """
     from cpmtool.bench.evaluate import shared_data
 
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: valid: cpu, cuda")
     commands = commands or {}
 
     t = ["--threads", str(threads)] if threads else []
+    dev = ["--device", device] if device != "cpu" else []
     suite: list[SubBench] = []
 
     vllm = importlib.util.find_spec("vllm") is not None
     engine = SubBench("engine", (["--model", "smollm2-135m", "--batch", "4", "--max-tokens", "16"] if quick else [])
-                      + (["--compare", "vllm"] if vllm else []) + t,
+                      + (["--compare", "vllm"] if vllm else []) + t + dev,
                       "native engine vs transformers generate" + (" vs vLLM" if vllm else ""),
                       _engine_table, _engine_headline,
                       lambda rows: ("tokens/s", {k: v["tokens_per_s"] for k, v in rows[0]["peers"].items()}))
@@ -234,7 +239,7 @@ def default_suite(*, quick: bool = False, threads: int | None = None,
 
     trl = importlib.util.find_spec("trl") is not None
     rl = SubBench("train-rl", (["--batch-size", "2", "--n", "4", "--max-tokens", "16", "--steps", "1", "--warmup",
-                                "1", "--repeat", "1"] if quick else []) + ["--compare", "trl" if trl else ""] + t,
+                                "1", "--repeat", "1"] if quick else []) + ["--compare", "trl" if trl else ""] + t + dev,
                   "our GRPO trainer vs TRL GRPOTrainer" if trl else "our GRPO trainer",
                   _train_rl_table, _train_rl_headline,
                   lambda rows: ("samples/s", {r["trainer"]: r["samples_per_s"] for r in rows if r["trainer"] != "ratio"}))
@@ -253,7 +258,8 @@ def default_suite(*, quick: bool = False, threads: int | None = None,
     suite.append(SubBench("speed", ["--launch", "--model", "cpm-tiny" if quick else "smollm2-135m"]
                           + (["--num-prompts", "8", "--concurrency", "4", "--input-len", "16", "--output-len", "16"]
                              if quick else [])
-                          + (["--serve-args", f"--threads {threads}"] if threads else []),
+                          + (["--serve-args", " ".join([f"--threads {threads}"] * bool(threads) + dev)]
+                             if threads or dev else []),
                           "cpmtool serve under load (vLLM's serving benchmark metrics)", _speed_table,
                           _speed_headline,
                           lambda rows: ("ms", {f"{p} {m.upper()}": rows[0].get(f"{p}_{m}_ms") or 0

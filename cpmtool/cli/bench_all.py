@@ -31,6 +31,8 @@ def all_cmd(
     out: str = typer.Option("bench/results", "--out", help="Where the dated result directory is made."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads of the benchmarks that take --threads."),
     timeout: float = typer.Option(1800, "--timeout", help="Seconds one benchmark may run before it is skipped."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda: where engine, train-rl and speed's server run "
+                               "(attention uses CUDA whenever it is there)."),
 ):
     """Run the benchmark suite (engine, spec, attention, train-rl, clean, speed, eval, and ternary when
     this build has it) and write a report: report.md with one table per benchmark against its named
@@ -42,13 +44,20 @@ def all_cmd(
 
     Benchmarks: engine, spec, attention, train-rl, clean, speed, eval, ternary.
 
-    Example: cpmtool bench all --quick --only clean,attention
+    Example: cpmtool bench all --quick --only clean,attention; on a GPU node: cpmtool bench all --device cuda
     """
     import orjson
 
     from cpmtool.bench.suite import default_suite, run_suite, select
+    from cpmtool.errors import ConfigError
 
-    suite = select(default_suite(quick=quick, threads=threads, commands=_commands()), _names(only), _names(skip))
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: torch sees no CUDA device")
+    suite = select(default_suite(quick=quick, threads=threads, commands=_commands(), device=device), _names(only),
+                   _names(skip))
     report = run_suite(suite, out, quick=quick, timeout=timeout,
                        log=lambda s: print(f"cpmtool bench all: {s}", file=sys.stderr, flush=True))
     for r in report["results"]:

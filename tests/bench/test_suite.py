@@ -64,6 +64,17 @@ def test_default_suite_detects_optional_parts():
         assert "vllm" in eng.skipped_peers and "--compare" not in eng.args
 
 
+def test_default_suite_on_a_gpu_passes_the_device():
+    suite = {b.name: b for b in default_suite(quick=True, threads=2, device="cuda")}
+    for name in ("engine", "train-rl"):
+        assert suite[name].args[-2:] == ["--device", "cuda"], suite[name].args
+    assert suite["speed"].args[-2:] == ["--serve-args", "--threads 2 --device cuda"]
+    assert "--device" not in suite["clean"].args + suite["eval"].args + suite["spec"].args
+    assert "--serve-args" not in {b.name: b for b in default_suite(quick=True)}["speed"].args
+    with pytest.raises(ConfigError, match="valid: cpu, cuda"):
+        default_suite(device="tpu")
+
+
 def test_select_names():
     suite = default_suite(quick=True)
     assert [b.name for b in select(suite, ["clean", "engine"])] == ["engine", "clean"]
