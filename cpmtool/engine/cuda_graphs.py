@@ -1,4 +1,7 @@
-"""Decode steps replayed as CUDA graphs (CPM.cu and vLLM capture theirs the same way; on by default).
+"""Decode steps replayed as CUDA graphs, on by default as in CPM.cu and vLLM.
+
+vLLM captures a fixed set of batch sizes up front and pads the batch to the next one; here a graph
+is captured when a (rows, slots) shape first occurs, since a rollout's batch only shrinks.
 
 A small model's decode step on a GPU is bound by kernel launches and Python, not by the GPU: a
 cpm-tiny step (4 layers, ~35 kernels each) took ~6.8 ms eager on an H200 for 64 rows, nearly all of
