@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cpmtool.bench import check_device
 from cpmtool.errors import ConfigError, InputError
 
 ALPACA = "alpaca_seed.jsonl"
@@ -126,10 +127,7 @@ def bench_engine(model: str = "smollm2-135m", *, batch: int = 32, max_tokens: in
     unknown = set(compare) - {"vllm", "hf"}
     if unknown:
         raise ConfigError(f"unknown --compare peer(s) {', '.join(sorted(unknown))} (valid: vllm)")
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device!r}: valid: cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: torch sees no CUDA device")
+    check_device(device)
     if threads:
         torch.set_num_threads(threads)
     say = progress or (lambda s: None)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cpmtool.bench import check_device
 from cpmtool.errors import ConfigError
 
 Table = tuple[list[str], list[list[str]]]  # header, rows
@@ -212,8 +213,7 @@ def default_suite(*, quick: bool = False, threads: int | None = None,
     """
     from cpmtool.bench.evaluate import shared_data
 
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device!r}: valid: cpu, cuda")
+    check_device(device, present=False)  # the suite is listed and selected without a GPU
     commands = commands or {}
 
     t = ["--threads", str(threads)] if threads else []

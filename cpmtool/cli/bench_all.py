@@ -48,14 +48,10 @@ def all_cmd(
     """
     import orjson
 
+    from cpmtool.bench import check_device
     from cpmtool.bench.suite import default_suite, run_suite, select
-    from cpmtool.errors import ConfigError
 
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: torch sees no CUDA device")
+    check_device(device)
     suite = select(default_suite(quick=quick, threads=threads, commands=_commands(), device=device), _names(only),
                    _names(skip))
     report = run_suite(suite, out, quick=quick, timeout=timeout,

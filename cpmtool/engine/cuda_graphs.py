@@ -93,13 +93,11 @@ class DecodeGraphs:
             if g is not None:
                 g.ids.copy_(host[0, :, None], non_blocking=True)
                 g.pos.copy_(host[1, :, None], non_blocking=True)
-                cache._mask = None
                 g.graph.replay()
                 return g.logits
             x = host.to(dev)
             ids_buf, pos_buf = x[0, :, None].contiguous(), x[1, :, None].contiguous()  # (B, 1) each
             if not self.capture:
-                cache._mask = None
                 return self._step(ids_buf, pos_buf, cache)
             # warm-up on a side stream (cuBLAS workspaces, lazy inits), then capture on it. The
             # warm-up runs the real step: it writes this step's K/V, which the replay rewrites unchanged.
@@ -110,10 +108,8 @@ class DecodeGraphs:
             self.stream.wait_stream(torch.cuda.current_stream())
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.stream(self.stream):
-                cache._mask = None
                 self._step(ids_buf, pos_buf, cache)
                 self.stream.synchronize()
-                cache._mask = None
                 graph.capture_begin(pool=self.pool)
                 try:
                     out = self._step(ids_buf, pos_buf, cache)
@@ -122,9 +118,10 @@ class DecodeGraphs:
             torch.cuda.current_stream().wait_stream(self.stream)
             self.graphs[key] = g = _Captured(graph, ids_buf, pos_buf, out)
             self.captures += 1
-            cache._mask = None
             g.graph.replay()
             return g.logits
         finally:
+            # each step's mask is rebuilt at its layer 0 (KVCache.claim); the one left here may be
+            # a graph's pool tensor, which a later eager step must not take for its own
             cache.fixed_used = False
             cache._mask = None

@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cpmtool.bench import check_device
 from cpmtool.errors import ConfigError, require
 
 COMPARE = ("trl",)
@@ -178,10 +179,7 @@ def bench_train_rl(model: str = "cpm-tiny", *, prompts: str | None = None, compa
         raise ConfigError(f"--compare {compare!r}: valid: {', '.join(COMPARE)}")
     if min(batch_size, n, max_tokens, steps, repeat) < 1 or warmup < 0:
         raise ConfigError("--batch-size, --n, --max-tokens, --steps and --repeat must be >= 1, --warmup >= 0")
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {device!r}: valid: cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: torch sees no CUDA device")
+    check_device(device)
     if compare:  # fail before the first timing, not after it
         require("trl", extra="trl", purpose="cpmtool bench train-rl --compare trl")
     if threads:
