@@ -280,7 +280,8 @@ def train_rl_cmd(
 
     bench_train_rl(model, prompts=prompts, compare=compare or None, batch_size=batch_size, n=n,
                    max_tokens=max_tokens, steps=steps, warmup=warmup, lr=lr, threads=threads or 0, repeat=repeat,
-                   device=device, on_row=show, progress=lambda s: print(f"cpmtool bench train-rl: {s}", file=sys.stderr, flush=True))
+                   device=device, on_row=show,
+                   progress=lambda s: print(f"cpmtool bench train-rl: {s}", file=sys.stderr, flush=True))
 
 
 @app.command("ternary")
