@@ -62,3 +62,13 @@ def test_bench_against_trl(tiny_model_dir, arith_prompts, capfd):
     # TRL runs in a worker process that shares our stdout: its log printer is removed, stdout stays for data
     assert capfd.readouterr().out == ""
     json.dumps(rows)
+
+
+@pytest.mark.parametrize("bench", ["train-rl", "engine", "all"])
+def test_a_bad_device_is_one_line_through_the_cli(capsys, bench):
+    from cpmtool.cli.app import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", bench, "--device", "tpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == ["cpmtool bench: error: --device 'tpu': valid: cpu, cuda"]
