@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cpmtool.model import transformer
 from cpmtool.model.loader import load_model
 from cpmtool.train import sequences
 from cpmtool.train.sequences import response_logprobs
@@ -47,10 +48,16 @@ def _grads(model, loss):
     return [p.grad.clone() for p in model.parameters()]
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["varlen-kernel", "sdpa-padded"])
 @pytest.mark.parametrize(("shared", "shuffled"), [(True, False), (True, True), (False, False)],
                          ids=["shared-prompts", "shared-prompts-interleaved", "distinct-prompts"])
-def test_response_logprobs_and_gradients_match_one_row_at_a_time(model, shared, shuffled, monkeypatch):
-    # side by side, a prompt's K/V fan out to its responses as an expand; interleaved, by index
+def test_response_logprobs_and_gradients_match_one_row_at_a_time(model, shared, shuffled, packed, monkeypatch):
+    # side by side, a prompt's K/V fan out to its responses as an expand; interleaved, by index. On
+    # this CPU attention runs packed (kernels/varlen_attention) unless switched off: SDPA on padded rows
+    if not packed:
+        monkeypatch.setattr(transformer, "_varlen_kernel", False)
+    elif not transformer._varlen_ok(model.config, model.model.embed_tokens.weight):
+        pytest.skip("the varlen kernel is not built here")
     prompts, responses = _batch(shared, shuffled)
     calls = []
     real = sequences._shared_prompts
