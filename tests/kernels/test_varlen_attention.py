@@ -85,16 +85,29 @@ def test_available_only_for_what_it_takes():
         va.varlen_attention(q, k, v, cu, n_heads=4)
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared-prompts", "plain-rows"])
-def test_the_model_trains_the_same_through_either_path(shared, monkeypatch):
-    # cpm-tiny's response log-probs and weight gradients: packed attention against SDPA on padded rows
-    from cpmtool.model import transformer
+def _model(family: str):
+    from cpmtool.model.config import ModelConfig
     from cpmtool.model.loader import load_model
+    from cpmtool.model.transformer import Transformer
+
+    if family == "cpm-tiny":
+        return load_model("cpm-tiny")[0].train()
+    config = ModelConfig(family=family, vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    torch.manual_seed(0)
+    return Transformer(config).train()
+
+
+@pytest.mark.parametrize("family", ["cpm-tiny", "qwen3", "qwen2"])  # MiniCPM; q/k norms; q/k/v biases
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prompts", "plain-rows"])
+def test_the_model_trains_the_same_through_either_path(family, shared, monkeypatch):
+    # response log-probs and weight gradients: packed attention against SDPA on padded rows
+    from cpmtool.model import transformer
     from cpmtool.train.sequences import response_logprobs
 
     _kernel_or_skip()
-    m, _ = load_model("cpm-tiny")
-    m.train()
+    m = _model(family)
+    assert m.config.qk_norm == (family == "qwen3")
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(5, 300, (7,), generator=g).tolist()
     prompts = [prompt if shared else prompt[:-1] + [9 + j] for j in range(4)]
