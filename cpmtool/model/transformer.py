@@ -584,11 +584,16 @@ class Transformer(nn.Module):
             x = x / self.config.logit_divisor
         return x if packing is None else packing.unpack(x)
 
+    def packs_attention(self) -> bool:
+        """Whether rows given with `lengths` and no KV cache run attention on their packed tokens
+        (kernels/varlen_attention) rather than SDPA on the padded rows."""
+        return _varlen_ok(self.config, self.model.embed_tokens.weight)
+
     def _varlen(self, cache) -> bool:
         # packed attention: a response_logits pass as it was set up, or plain rows without a cache
         if isinstance(cache, (_Recorder, _PackedPrefix)):
             return cache.packed
-        return cache is None and _varlen_ok(self.config, self.model.embed_tokens.weight)
+        return cache is None and self.packs_attention()
 
     def _c_decode(self, input_ids, cache: KVCache) -> bool:
         """Whether a decode step can take `_decode_step`: fp32 on the CPU, no autograd, dense attention

@@ -103,6 +103,8 @@ def _is_cpm_tiny(name: str) -> bool:
 class QATRecipe(SFTRecipe):
     """train-sft's recipe on a model whose block linears are `TernaryLinear`."""
 
+    per_example = False  # the distillation compares the (B, T, V) logits of the collated rows
+
     def __init__(self, cfg: QATConfig, log=None):
         super().__init__(cfg, log)
         self.scheme = Ternary(self.cfg.group_size, self.cfg.act_bits)

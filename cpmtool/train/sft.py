@@ -5,7 +5,10 @@
 
 Packing concatenates examples into rows of --max-len tokens. Positions restart at 0 for each
 example and attention is block-diagonal (an example never sees its neighbours), so a packed batch
-computes exactly the per-example losses without the padding.
+computes exactly the per-example losses without the padding. Where the model runs attention packed
+(`Transformer.packs_attention`: fp32 on the CPU, kernels/varlen_attention) the examples of a batch
+run as their own rows, back to back with no padding and no mask, the LM head on the labelled tokens
+only: the same losses, as the tests check against the collated rows.
 """
 
 from __future__ import annotations
@@ -169,6 +172,37 @@ class SFTRecipe:
     def example(self, record: dict) -> tuple[list[int], list[int]]:
         return sft_example(self.tokenizer, record, self.eos, self.cfg.max_len)
 
+    # Examples run one per row, packed, through kernels/varlen_attention where the model takes it
+    # (fp32 on the CPU): no padding and no block-diagonal mask over a packed row's T x T, and the LM
+    # head on the labelled positions only. A subclass whose loss needs the (B, T, V) logits of the
+    # collated rows (QAT's distillation) turns it off.
+    per_example = True
+
+    def batch_loss(self, rows) -> tuple[torch.Tensor, int, dict]:
+        """(mean loss over the labelled tokens of `rows`, how many there are, extra metrics)."""
+        if self.per_example and getattr(self.model, "packs_attention", lambda: False)():
+            return self.example_loss([e for row in rows for e in row])
+        ids, labels, pos = collate(rows, self.pad_id, self.cfg.device)
+        loss, extra = self.loss(ids, labels, pos)
+        return loss, int((labels != -100).sum()), extra
+
+    def example_loss(self, examples: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, int, dict]:
+        # each example its own row at positions 0.., as a packed row's block-diagonal attention sees it
+        dev = self.cfg.device
+        lens = [len(i) for i, _ in examples]
+        width = max(lens)
+        ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), width), -100, dtype=torch.long)
+        for d, (i, lab) in enumerate(examples):
+            ids[d, : len(i)] = torch.tensor(i)
+            labels[d, : len(i)] = torch.tensor(lab)
+        flat = labels.flatten()
+        keep = (flat != -100).nonzero().flatten()  # (N,) the labelled positions
+        select = torch.arange(width).expand(len(examples), width)
+        logits = self.ddp(ids.to(dev), lengths=lens, select=select.to(dev), keep=keep.to(dev))  # (N, V)
+        n = keep.numel()
+        return F.cross_entropy(logits.float(), flat[keep].to(dev), reduction="sum") / max(n, 1), n, {}
+
     def loss(self, ids, labels, pos) -> tuple[torch.Tensor, dict]:
         """(mean loss over the labelled tokens of these rows, extra metrics for the step's row)."""
         logits = self.ddp(ids, pos)  # (B, T, V)
@@ -211,10 +245,9 @@ class SFTRecipe:
             ctx = packed(self.model) if cfg.pack else contextlib.nullcontext()
             with ctx:
                 if mine:
-                    ids, labels, pos = collate(mine, self.pad_id, cfg.device)
-                    loss, extra = self.loss(ids, labels, pos)
+                    loss, n_lab, extra = self.batch_loss(mine)
                     # mean over the labelled tokens of the whole batch, across ranks
-                    loss = loss * (labels != -100).sum() / max(n_tok, 1)
+                    loss = loss * n_lab / max(n_tok, 1)
                     (loss * self.dist.world).backward()
                     loss_sum = float(loss.detach())
                 else:

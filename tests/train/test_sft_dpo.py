@@ -101,6 +101,37 @@ def test_sft_learns_the_training_set(tiny_model_dir, sft_data, tmp_path, pack):
     assert (out / "model" / "model.safetensors").is_file() and (out / "curves.png").is_file()
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_per_example_rows_train_as_the_collated_rows(sft_data, tmp_path, pack, monkeypatch):
+    # cpm-tiny (head_dim 64) takes the packed-attention path: each example its own packed row, the
+    # LM head on the labelled tokens; the same losses and gradient norms as the collated (B, T) rows
+    from cpmtool.model.loader import load_model
+    from cpmtool.train.sft import SFTRecipe, train_sft
+
+    if not load_model("cpm-tiny")[0].packs_attention():
+        pytest.skip("the varlen attention kernel is not built here")
+    ran = []
+    real = SFTRecipe.example_loss
+    monkeypatch.setattr(SFTRecipe, "example_loss", lambda self, exs: ran.append(len(exs)) or real(self, exs))
+
+    def run(per_example):
+        monkeypatch.setattr(SFTRecipe, "per_example", per_example)
+        out = tmp_path / f"sft-{per_example}"
+        train_sft(SFTConfig(model="cpm-tiny", data=str(sft_data), out=str(out), steps=3, batch_size=4, lr=1e-3,
+                            pack=pack, max_len=128, threads=1))
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    fast = run(True)
+    assert ran and (sum(ran) > 3 * 4 if pack else ran == [4, 4, 4])  # packed rows hold several examples
+    ran.clear()
+    slow = run(False)
+    assert not ran
+    for a, b in zip(fast, slow, strict=True):
+        assert a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
 def test_dpo_starts_at_ln2_and_raises_the_margin(tiny_model_dir, tmp_path):
     from cpmtool.data import tasks
     from cpmtool.train.dpo import train_dpo
