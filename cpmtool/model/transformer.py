@@ -497,6 +497,23 @@ def _load_pointwise() -> None:
         _pointwise = False
 
 
+_decode_step_kernel = None  # kernels/decode_step once resolved; False: unavailable
+
+
+def _step_kernel(model) -> bool:
+    # whether `_decode_step` runs its layers in one C call: the kernel built against torch's MKL sgemm,
+    # and layers it computes (plain linears, no q/k norms or MLP bias)
+    global _decode_step_kernel
+    if _decode_step_kernel is None:
+        try:
+            from cpmtool.kernels import decode_step
+
+            _decode_step_kernel = decode_step
+        except ImportError:
+            _decode_step_kernel = False
+    return bool(_decode_step_kernel) and _decode_step_kernel.supports(model)
+
+
 _varlen_kernel = None  # kernels/varlen_attention once resolved; False: unavailable
 
 
@@ -513,7 +530,8 @@ def _varlen_ok(config: ModelConfig, w: torch.Tensor) -> bool:
             _varlen_kernel = varlen_attention
         except ImportError:
             _varlen_kernel = False
-    return bool(_varlen_kernel) and _varlen_kernel.available(config.head_dim)
+    return bool(_varlen_kernel) and _varlen_kernel.available(config.head_dim, n_heads=config.num_attention_heads,
+                                                            n_kv=config.num_key_value_heads)
 
 
 class _Body(nn.Module):
@@ -617,6 +635,9 @@ class Transformer(nn.Module):
             x = x * cfg.scale_emb
         cos, sin = rope_tables(self.inv_freq, positions, x.dtype)  # (B, 1, 1, D) each
         cache.claim(positions)
+        if _step_kernel(self):  # the whole layer loop in one C call (kernels/decode_step)
+            h = _decode_step_kernel.decode_step(self, x, positions, cache, cos, sin)
+            return (h / cfg.logit_divisor if cfg.logit_divisor != 1.0 else h)[:, None]
         used = cache.used
         valid = cache.valid[:, :used]
         rs = cfg.residual_scale

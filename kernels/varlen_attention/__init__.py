@@ -42,9 +42,15 @@ def _kernel():
     return _lib[0]
 
 
-def available(head_dim: int, *tensors: torch.Tensor) -> bool:
-    """Whether `varlen_attention` runs on these: fp32 CPU tensors, head_dim % 16 == 0, the C library built."""
-    if head_dim % 16 or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+MAX_GROUP = 64  # query heads per KV head (cpu_varlen.c's MAXG)
+
+
+def available(head_dim: int, *tensors: torch.Tensor, n_heads: int = 1, n_kv: int = 1) -> bool:
+    """Whether `varlen_attention` runs on these: fp32 CPU tensors, head_dim % 16 == 0, at most
+    MAX_GROUP query heads per KV head, the C library built."""
+    if head_dim % 16 or n_heads % n_kv or n_heads // n_kv > MAX_GROUP:
+        return False
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
         return False
     return _kernel() is not None
 

@@ -51,6 +51,8 @@ def _check(lens, h, hkv, d, plens=None, group=None, seed=0, scale=1.0, atol=2e-5
     ([17, 9], 8, 8, 128),               # no grouping, D = 128
     ([12, 30], 6, 1, 16),               # one kv head for all, the smallest D
     ([1, 1, 1], 2, 2, 32),              # one-token rows: each sees itself only
+    ([40, 7], 16, 2, 128),              # MiniCPM4-0.5B's heads: 8 query heads a KV head, D = 128
+    ([9, 35], 32, 2, 64),               # 16 query heads a KV head
 ])
 def test_causal_rows_match_the_reference(lens, h, hkv, d):
     _kernel_or_skip()
@@ -79,6 +81,7 @@ def test_available_only_for_what_it_takes():
     _kernel_or_skip()
     assert va.available(64, torch.zeros(1))
     assert not va.available(24)  # head_dim not a multiple of 16
+    assert not va.available(64, n_heads=130, n_kv=2)  # more query heads a KV head than it takes
     assert not va.available(64, torch.zeros(1, dtype=torch.bfloat16))
     q, k, v, cu, _, _ = _case([3], 4, 4, 24)
     with pytest.raises(ValueError, match="head_dim"):
