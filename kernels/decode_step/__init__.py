@@ -54,7 +54,8 @@ def sgemm_address() -> int | None:
 
 def supports(model) -> bool:
     """Whether the model's layers are what the C step computes: plain nn.Linear projections (no
-    MLP bias, no quantized layers), no q/k norms, fp32, and heads the attention kernel takes."""
+    MLP bias, no quantized layers), no q/k norms, fp32 contiguous weights (the C side reads them by
+    pointer), and heads the attention kernel takes."""
     from torch import nn
 
     cfg = model.config
@@ -64,7 +65,10 @@ def supports(model) -> bool:
     for block in model.model.layers:
         att, mlp = block.self_attn, block.mlp
         mods = (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if any(type(m) is not nn.Linear or m.weight.dtype != torch.float32 for m in mods):
+        if any(type(m) is not nn.Linear or m.weight.dtype != torch.float32 or not m.weight.is_contiguous()
+               or (m.bias is not None and not m.bias.is_contiguous()) for m in mods):
+            return False
+        if not (block.input_layernorm.weight.is_contiguous() and block.post_attention_layernorm.weight.is_contiguous()):
             return False
     return _kernel() is not None
 

@@ -79,6 +79,10 @@ def test_what_it_does_not_compute_keeps_the_python_loop():
     att = m.model.layers[1].self_attn
     att.q_proj = TernaryLinear.from_linear(att.q_proj)  # a quantized layer (an nn.Linear subclass)
     assert not ds.supports(m)
+    m = _random("llama")
+    mlp = m.model.layers[0].mlp
+    mlp.up_proj.weight = torch.nn.Parameter(mlp.up_proj.weight.detach().t().contiguous().t())  # a transposed view
+    assert not ds.supports(m)
 
 
 def test_source_builds_a_stub_without_avx2(stub_build):
