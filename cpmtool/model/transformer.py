@@ -626,7 +626,9 @@ class Transformer(nn.Module):
         """`hidden_states` of one token per row, (B, 1, hidden), with every op between the matmuls in
         C (kernels/pointwise): on a small model a decode step is mostly per-op overhead, and this
         runs ~11 calls a layer where the torch path runs ~40. Same values up to float rounding (the
-        norm's summation order, silu's exp); the tests hold it to the torch path."""
+        norm's summation order, silu's exp); the tests hold it to the torch path. Where the model's
+        layers allow (`kernels.decode_step.supports`) the layer loop itself is one C call making the
+        same calls, with the same logits (cpm-tiny at 64 rows: 3.78 against 5.59 ms a step)."""
         ks = _pointwise
         cfg = self.config
         b = input_ids.shape[0]
@@ -696,7 +698,7 @@ class Transformer(nn.Module):
         g, p = batch.prompt_ids.shape
         b, width = batch.response_ids.shape
         dev = batch.prompt_ids.device
-        packed = _varlen_ok(self.config, self.model.embed_tokens.weight)
+        packed = self.packs_attention()
         rec = _Recorder(packed)
         h = self.hidden_states(batch.prompt_ids, None, rec, lengths=batch.prompt_lens)  # (G, P, hidden)
         plen = torch.tensor(batch.prompt_lens, device=dev)
