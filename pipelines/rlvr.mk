@@ -6,7 +6,8 @@
 #   make -f pipelines/rlvr.mk all       # grpo prime nft luffy clip-cov kl-cov, then report and bench
 #   (`grpo` alone on 2 threads, with the inverse-transform sampler of 2026-11-30: 28.0% -> 43.5%, 235 steps;
 #   with the C decode step, norm and rotary: 28.0% -> 46.5%, 216 steps; on a faster AVX-512 machine,
-#   base pinned to AVX2 (BASE_ENV), no 400-step ceiling: 29.5% -> 49.5%, 494 steps)
+#   base pinned to AVX2 (BASE_ENV), no 400-step ceiling: 29.5% -> 49.5%, 494 steps; with the packed
+#   training attention and the one-call decode step there: 29.5% -> 49.0%, 657 steps)
 #   (from the 780-step base, 10 minutes each, two at a time on 1 thread each: greedy 28.0% -> grpo 44.0,
 #   prime 42.5, nft 44.5, luffy 44.0, clip-cov 46.0; ttrl.mk's TTRL 27.0; see the README table)
 #   make -f pipelines/rlvr.mk report    # one JSON line per run: accuracy before/after, steps, minutes, load
