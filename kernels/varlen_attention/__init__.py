@@ -60,6 +60,16 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 and t.stride(1) == 1 else t.reshape(t.shape[0], -1).contiguous()
 
 
+def _operands(q, k, v, pk, pv, cu, pcu, group) -> list:
+    # the arguments varlen_fwd and varlen_bwd share: token rows and strides, then the row offsets
+    # (the prefix ones NULL without a prefix)
+    pre = pk is not None
+    return [q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+            pk.data_ptr() if pre else None, pk.stride(0) if pre else 0, pv.data_ptr() if pre else None,
+            pv.stride(0) if pre else 0, cu.data_ptr(), pcu.data_ptr() if pre else None,
+            group.data_ptr() if pre else None]
+
+
 def _check(rc: int, what: str) -> None:
     if rc == 2:
         raise ValueError(f"varlen_attention {what}: heads or head_dim it does not take")
@@ -80,13 +90,8 @@ class _Varlen(torch.autograd.Function):
         hkv = hkv_d // d
         out = torch.empty(n, hd)
         lse = torch.empty(n, n_heads)
-        lib = _kernel()
-        rc = lib.varlen_fwd(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-                            pk.data_ptr() if has_prefix else None, pk.stride(0) if has_prefix else 0,
-                            pv.data_ptr() if has_prefix else None, pv.stride(0) if has_prefix else 0,
-                            cu.data_ptr(), pcu.data_ptr() if has_prefix else None,
-                            group.data_ptr() if has_prefix else None, out.data_ptr(), lse.data_ptr(),
-                            cu.numel() - 1, n_heads, hkv, d, scale)
+        rc = _kernel().varlen_fwd(*_operands(q, k, v, pk, pv, cu, pcu, group), out.data_ptr(), lse.data_ptr(),
+                                  cu.numel() - 1, n_heads, hkv, d, scale)
         _check(rc, "forward")
         ctx.save_for_backward(q, k, v, pk, pv, cu, pcu, group, out, lse)
         ctx.n_heads, ctx.scale, ctx.has_prefix = n_heads, scale, has_prefix
@@ -109,15 +114,10 @@ class _Varlen(torch.autograd.Function):
         # each row's prefix gradients, (B, Pmax, Hkv*D): summed over a group's rows below
         dpk_rows = torch.zeros(b, pmax, hkv * d) if has_prefix else None
         dpv_rows = torch.zeros(b, pmax, hkv * d) if has_prefix else None
-        lib = _kernel()
-        rc = lib.varlen_bwd(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-                            pk.data_ptr() if has_prefix else None, pk.stride(0) if has_prefix else 0,
-                            pv.data_ptr() if has_prefix else None, pv.stride(0) if has_prefix else 0,
-                            cu.data_ptr(), pcu.data_ptr() if has_prefix else None,
-                            group.data_ptr() if has_prefix else None, out.data_ptr(), dout.data_ptr(), lse.data_ptr(),
-                            dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
-                            dpk_rows.data_ptr() if has_prefix else None, dpv_rows.data_ptr() if has_prefix else None,
-                            pmax, b, h, hkv, d, ctx.scale)
+        rc = _kernel().varlen_bwd(*_operands(q, k, v, pk, pv, cu, pcu, group), out.data_ptr(), dout.data_ptr(),
+                                  lse.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+                                  dpk_rows.data_ptr() if has_prefix else None,
+                                  dpv_rows.data_ptr() if has_prefix else None, pmax, b, h, hkv, d, ctx.scale)
         _check(rc, "backward")
         dpk = dpv = None
         if has_prefix:

@@ -215,25 +215,36 @@ static size_t task_floats(const Args *a, int64_t b) {
     return (size_t)(6 * Sp * a->D + 4 * Rp * a->D + 2 * Rp * Sp + Rp + 2 * (Sp / 4 + 1) + 64);
 }
 
+/* Whether the kernel takes these heads: grouped query heads, head_dim a multiple of 16. */
+static int takes(int H, int Hkv, int D) { return Hkv > 0 && H % Hkv == 0 && H / Hkv <= MAXG && D > 0 && D % 16 == 0; }
+
+/* Task (row b, kv head j): its buffer with the keys loaded, or NULL for an empty row (nothing to do)
+   or a failed allocation (*err set). The caller frees the buffer. */
+static float *begin_task(const Args *a, int64_t b, int j, Keys *ks, int *err) {
+    if (a->cu[b + 1] <= a->cu[b]) return NULL;
+    float *buf = aligned_alloc(64, up16((int64_t)task_floats(a, b)) * sizeof(float));
+    if (!buf) {
+        *err |= 1;
+        return NULL;
+    }
+    load_keys(a, b, j, ks, buf);
+    return buf;
+}
+
 /* out (N, H*D) and lse2 (N, H), both contiguous. */
 int varlen_fwd(const float *q, int64_t sq, const float *k, int64_t sk, const float *v, int64_t sv, const float *pk,
                int64_t spk, const float *pv, int64_t spv, const int64_t *cu, const int64_t *pcu, const int64_t *group,
                float *out, float *lse2, int B, int H, int Hkv, int D, float scale) {
-    if (Hkv <= 0 || H % Hkv || H / Hkv > MAXG || D % 16 || D <= 0) return 2;
+    if (!takes(H, Hkv, D)) return 2;
     const Args a = {q, k, v, pk, pv, sq, sk, sv, spk, spv, cu, pcu, group, B, H, Hkv, D, scale};
     int err = 0;
 #pragma omp parallel for schedule(dynamic) reduction(| : err)
     for (int64_t task = 0; task < (int64_t)B * Hkv; task++) {
         const int64_t b = task / Hkv;
         const int j = (int)(task % Hkv);
-        if (a.cu[b + 1] <= a.cu[b]) continue;
-        float *buf = aligned_alloc(64, up16((int64_t)task_floats(&a, b)) * sizeof(float));
-        if (!buf) {
-            err |= 1;
-            continue;
-        }
         Keys ks;
-        load_keys(&a, b, j, &ks, buf);
+        float *buf = begin_task(&a, b, j, &ks, &err);
+        if (!buf) continue;
         const int G = (int)ks.G;
         const int64_t Sp = ks.Sp, Rmax = up4((int64_t)QC * G);
         float *Qs = buf + 4 * Sp * D, *P = Qs + Rmax * D, *O = P + Rmax * Sp;
@@ -271,7 +282,7 @@ int varlen_bwd(const float *q, int64_t sq, const float *k, int64_t sk, const flo
                int64_t spk, const float *pv, int64_t spv, const int64_t *cu, const int64_t *pcu, const int64_t *group,
                const float *out, const float *dout, const float *lse2, float *dq, float *dk, float *dv, float *dpk,
                float *dpv, int64_t pmax, int B, int H, int Hkv, int D, float scale) {
-    if (Hkv <= 0 || H % Hkv || H / Hkv > MAXG || D % 16 || D <= 0) return 2;
+    if (!takes(H, Hkv, D)) return 2;
     const Args a = {q, k, v, pk, pv, sq, sk, sv, spk, spv, cu, pcu, group, B, H, Hkv, D, scale};
     const int64_t HD = (int64_t)H * D, KD = (int64_t)Hkv * D;
     int err = 0;
@@ -279,14 +290,9 @@ int varlen_bwd(const float *q, int64_t sq, const float *k, int64_t sk, const flo
     for (int64_t task = 0; task < (int64_t)B * Hkv; task++) {
         const int64_t b = task / Hkv;
         const int j = (int)(task % Hkv);
-        if (a.cu[b + 1] <= a.cu[b]) continue;
-        float *buf = aligned_alloc(64, up16((int64_t)task_floats(&a, b)) * sizeof(float));
-        if (!buf) {
-            err |= 1;
-            continue;
-        }
         Keys ks;
-        load_keys(&a, b, j, &ks, buf);
+        float *buf = begin_task(&a, b, j, &ks, &err);
+        if (!buf) continue;
         const int G = (int)ks.G;
         const int64_t Sp = ks.Sp, Rmax = up4((int64_t)QC * G);
         float *dK = buf + 4 * Sp * D, *dV = dK + Sp * D;
